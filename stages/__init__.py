@@ -1,0 +1,1 @@
+"""Thin DVC stage scripts: read a params section, call `gpt.*`, write outputs and metrics."""
