@@ -48,7 +48,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError(f"{key}: {value!r} does not match {_type_name(tp)}")
+        if len(errors) == 1:  # Optional[X]: report X's error, noting that null is allowed too
+            raise ConfigError(f"{errors[0]} (or null)")
+        raise ConfigError(f"{key}: {value!r} matches none of: " + "; ".join(errors))
     if origin is Literal:
         choices = get_args(tp)
         if value not in choices:
