@@ -1,5 +1,6 @@
 """The params loader: typed sections, unknown keys and wrong types fail naming the key."""
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
@@ -40,7 +41,7 @@ def test_valid_section_is_typed():
     ],
 )
 def test_bad_values_name_the_key(data, fragment):
-    with pytest.raises(ConfigError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
         from_dict(Section, data, "train")
 
 
