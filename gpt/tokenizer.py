@@ -1,0 +1,203 @@
+"""The project's tokenizer: a thin wrapper over a sentencepiece BPE model, and the code that trains one.
+
+Every stage after `tokenizer` goes through `Tokenizer` (encode/decode, batch encode on all cores, special-token ids,
+and the sha256 of the model file, which the shards, the checkpoints and the server check so that a model is never
+paired with the wrong vocabulary). `train_tokenizer` trains the BPE model deterministically from an iterator of
+training lines (see `TokenizerConfig` for the knobs; they mirror params.yaml `tokenizer:`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import os
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+
+from gpt.config import ConfigError
+from gpt.data.atomic import write_bytes_atomic
+
+MODEL_FILE = "tokenizer.model"
+VOCAB_FILE = "tokenizer.vocab"
+# Fixed ids of the special tokens (same in every model this project trains).
+UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+
+
+class TokenizerError(ValueError):
+    """A tokenizer model is missing/unreadable, or training cannot work with the given settings."""
+
+
+def _resolve_threads(num_threads: int) -> int:
+    return max(1, os.cpu_count() or 1) if num_threads is None or num_threads <= 0 else num_threads
+
+
+class Tokenizer:
+    """A loaded sentencepiece model. `Tokenizer.load(path)` takes the model file or a directory holding it."""
+
+    def __init__(self, model_bytes: bytes, path: Path | None = None) -> None:
+        self.path = path
+        self.sha256 = hashlib.sha256(model_bytes).hexdigest()
+        self._model_bytes = model_bytes
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.LoadFromSerializedProto(model_bytes)
+        except Exception as err:  # sentencepiece raises RuntimeError/OSError with terse text
+            raise TokenizerError(f"{path or 'tokenizer'}: not a sentencepiece model ({err})") from err
+        self.vocab_size: int = self.sp.get_piece_size()
+        self.bos_id: int = self.sp.bos_id()
+        self.eos_id: int = self.sp.eos_id()
+        self.pad_id: int = self.sp.pad_id()
+        self.unk_id: int = self.sp.unk_id()
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        path = Path(path)
+        file = path / MODEL_FILE if path.is_dir() else path
+        if not file.is_file():
+            raise TokenizerError(f"tokenizer model not found: {file} (run `dvc repro tokenizer` first)")
+        return cls(file.read_bytes(), file)
+
+    def __getstate__(self) -> dict:  # picklable for worker processes: ship the bytes, rebuild the processor
+        return {"model_bytes": self._model_bytes, "path": self.path}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["model_bytes"], state["path"])
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, sha256={self.sha256[:12]}…, path={self.path})"
+
+    @property
+    def model_bytes(self) -> bytes:
+        return self._model_bytes
+
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        return self.sp.encode(text, add_bos=add_bos, add_eos=add_eos)
+
+    def encode_batch(
+        self, texts: Sequence[str], num_threads: int = -1, add_bos: bool = False, add_eos: bool = False
+    ) -> list[list[int]]:
+        """Encode many texts at once on `num_threads` threads (-1: all cores); same result as `encode` per text."""
+        return self.sp.encode(
+            list(texts), add_bos=add_bos, add_eos=add_eos, num_threads=_resolve_threads(num_threads)
+        )
+
+    def encode_batch_numpy(self, texts: Sequence[str], num_threads: int = -1, add_eos: bool = False) -> list[np.ndarray]:
+        """`encode_batch` returning one int32 array per text (avoids building Python int lists; used by `tokenize`)."""
+        return self.sp.encode_as_numpy(list(texts), add_eos=add_eos, num_threads=_resolve_threads(num_threads))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+    def id_to_piece(self, i: int) -> str:
+        return self.sp.id_to_piece(int(i))
+
+    def piece_to_id(self, piece: str) -> int:
+        return self.sp.piece_to_id(piece)
+
+    def is_byte(self, i: int) -> bool:
+        """True for the <0xNN> byte-fallback pieces (used when a character is not in the vocabulary)."""
+        return self.sp.is_byte(int(i))
+
+    def byte_ids(self) -> np.ndarray:
+        return np.array([self.sp.is_byte(i) for i in range(self.vocab_size)], dtype=bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerConfig:
+    """params.yaml `tokenizer:` — sentencepiece BPE training."""
+
+    vocab_size: int = 4096
+    character_coverage: float = 0.9995
+    byte_fallback: bool = True
+    # Lines sampled (deterministically, by hash) from the train split to train on; 0 = all lines.
+    sample_lines: int = 200_000
+    max_line_chars: int = 4096
+    # Reserved pieces encoded as one token wherever they appear (chat roles later); BOS/EOS/PAD are always there.
+    special_tokens: list[str] = dataclasses.field(
+        default_factory=lambda: ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+    )
+    num_threads: int = 2  # part of the model file's trainer spec: fixed (not "all cores") so hashes match anywhere
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 16 <= self.vocab_size <= 2**31 - 1:
+            raise ConfigError(f"tokenizer.vocab_size: must be >= 16, got {self.vocab_size}")
+        if not 0.9 <= self.character_coverage <= 1.0:
+            raise ConfigError(f"tokenizer.character_coverage: must be in [0.9, 1.0], got {self.character_coverage}")
+        if self.sample_lines < 0:
+            raise ConfigError(f"tokenizer.sample_lines: must be >= 0 (0 = all), got {self.sample_lines}")
+        if self.max_line_chars < 16:
+            raise ConfigError(f"tokenizer.max_line_chars: must be >= 16, got {self.max_line_chars}")
+        if self.num_threads < 1:
+            raise ConfigError(f"tokenizer.num_threads: must be >= 1, got {self.num_threads}")
+        for tok in self.special_tokens:
+            if not tok or any(c.isspace() for c in tok):
+                raise ConfigError(f"tokenizer.special_tokens: {tok!r} must be non-empty without whitespace")
+        if len(set(self.special_tokens)) != len(self.special_tokens):
+            raise ConfigError(f"tokenizer.special_tokens: duplicates in {self.special_tokens}")
+
+
+_TOO_HIGH = re.compile(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)")
+_TOO_LOW = re.compile(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)")
+
+
+def train_tokenizer(lines: Iterable[str], cfg: TokenizerConfig, out_dir: str | Path) -> Tokenizer:
+    """Train a BPE model on `lines` (one training sentence each); writes tokenizer.model + tokenizer.vocab.
+
+    Deterministic for the same lines and config (fixed seed and thread count). A vocabulary larger than the corpus
+    supports raises TokenizerError naming the largest workable size.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Train into memory: with model_prefix the output path would be recorded in the model file and change its hash.
+    model = io.BytesIO()
+    spm.set_random_generator_seed(cfg.seed)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines),
+            model_writer=model,
+            model_type="bpe",
+            vocab_size=cfg.vocab_size,
+            character_coverage=cfg.character_coverage,
+            byte_fallback=cfg.byte_fallback,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            pad_id=PAD_ID,
+            user_defined_symbols=list(cfg.special_tokens),
+            input_sentence_size=0,  # we sample ourselves, deterministically
+            max_sentence_length=cfg.max_line_chars * 4,  # bytes
+            split_digits=True,
+            allow_whitespace_only_pieces=True,
+            remove_extra_whitespaces=False,  # keep indentation/newline structure of the text
+            normalization_rule_name="identity",  # prepare already normalized (NFC/NFKC is a prepare param)
+            num_threads=cfg.num_threads,
+            minloglevel=2,
+        )
+    except RuntimeError as err:
+        match = _TOO_HIGH.search(str(err))
+        if match:
+            raise TokenizerError(
+                f"tokenizer.vocab_size: {cfg.vocab_size} is too large for this corpus; the largest workable size "
+                f"is {match.group(2)} (lower tokenizer.vocab_size, or add more text)"
+            ) from err
+        match = _TOO_LOW.search(str(err))
+        if match:
+            raise TokenizerError(
+                f"tokenizer.vocab_size: {cfg.vocab_size} is too small; this corpus and settings need at least "
+                f"{match.group(2)} (special tokens, 256 byte pieces and the covered characters)"
+            ) from err
+        raise TokenizerError(f"sentencepiece training failed: {err}") from err
+    tokenizer = Tokenizer(model.getvalue(), out_dir / MODEL_FILE)
+    write_bytes_atomic(out_dir / MODEL_FILE, tokenizer.model_bytes)
+    vocab = "".join(f"{tokenizer.id_to_piece(i)}\t{tokenizer.sp.get_score(i):g}\n" for i in range(tokenizer.vocab_size))
+    write_bytes_atomic(out_dir / VOCAB_FILE, vocab.encode("utf-8"))
+    return tokenizer
