@@ -1,0 +1,305 @@
+"""The training loop: resume-or-start, steps, periodic validation, checkpoints, logging.
+
+Everything a step depends on is a function of (params, step): the data (`get_batch(step, ...)` of the shard reader),
+the learning rate (`lr_at(step)`), the dropout RNG (reseeded from (seed, rank, step)). Together with the weights and
+optimizer state in a checkpoint, that makes a resumed run bit-identical to an uninterrupted one on CPU in fp32.
+
+A run is identified by a fingerprint of everything that changes its trajectory (model config, the train params
+except bookkeeping keys, world size, tokenizer and shard hashes, the training/model source code). A checkpoint
+with another fingerprint is never resumed: `resume: auto` starts fresh (and says which keys changed),
+`resume: strict` fails, `resume: never` always starts fresh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from gpt.config import to_dict
+from gpt.train.checkpoints import CheckpointManager, ResumeError
+from gpt.train.config import BOOKKEEPING_KEYS, TrainConfig
+from gpt.train.device import Precision, resolve_precision, select_device, step_seed
+from gpt.train.distributed import DistInfo, barrier, init_distributed, rank_device
+from gpt.train.metrics import TrainLogger, flops_per_token, peak_flops
+from gpt.train.optim import build_optimizer, lr_at, set_lr
+from gpt.train.step import train_step, validation_loss
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or gradient norm became NaN/inf (message names the step)."""
+
+
+class BatchSource(Protocol):
+    def get_batch(self, step: int, batch_size: int, seq_len: int, seed: int, rank: int = 0,
+                  world_size: int = 1) -> torch.Tensor: ...
+
+    def iter_windows(self, seq_len: int, max_windows: int | None = None): ...
+
+
+@dataclasses.dataclass
+class TrainResult:
+    step: int
+    val_loss: float
+    best_val_loss: float
+    tokens_seen: int
+    train_seconds: float  # wall time of this invocation's steps (excludes a resumed run's earlier part)
+    tokens_per_second: float
+    mfu: float
+    resumed_from: int  # 0 = fresh start
+    nonfinite_skipped: int
+    best_checkpoint: str | None
+    last_checkpoint: str | None
+
+
+def source_hash() -> str:
+    """sha256 of the training and model source: code changes make old checkpoints non-resumable."""
+    digest = hashlib.sha256()
+    roots = [Path(__file__).parent, Path(__file__).parent.parent / "model"]
+    for root in roots:
+        for path in sorted(root.rglob("*.py")):
+            digest.update(path.relative_to(root.parent).as_posix().encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def run_identity(cfg: TrainConfig, model_config: dict[str, Any], lineage: dict[str, Any],
+                 world_size: int) -> dict[str, Any]:
+    """The params and inputs that define a run's trajectory (everything a resumed run must share)."""
+    train = {k: v for k, v in to_dict(cfg).items() if k not in BOOKKEEPING_KEYS}
+    return {"model": model_config, "train": train, "world_size": world_size, "lineage": lineage,
+            "source": source_hash()}
+
+
+def fingerprint(identity: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += _changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changed.append(f"{prefix}{key}")
+    return changed
+
+
+def choose_resume(manager: CheckpointManager, identity: dict[str, Any], policy: str) -> Path | None:
+    """The checkpoint to continue from, or None for a fresh start (clearing incompatible checkpoints)."""
+    manager.clean_temp()
+    latest = manager.latest()
+    if latest is None or policy == "never":
+        if latest is not None:
+            manager.clear()
+        return None
+    state = manager.read_state(latest)
+    if state.get("fingerprint") == fingerprint(identity):
+        return latest
+    changed = _changed_keys(state.get("identity", {}), identity) or ["(unknown)"]
+    message = (f"checkpoint {latest} belongs to a different run; changed: {', '.join(changed)}")
+    if policy == "strict":
+        raise ResumeError(message + " (train.resume is strict: restore those params, or set resume: auto to "
+                                    "start fresh)")
+    log.warning("%s — starting fresh and removing the old checkpoints", message)
+    manager.clear()
+    return None
+
+
+@dataclasses.dataclass
+class Run:
+    """The live objects of one training run on one rank."""
+
+    cfg: TrainConfig
+    model: nn.Module  # the bare model (weights saved from here)
+    trained: nn.Module  # what forward/backward run on: maybe compiled, maybe DDP-wrapped
+    optimizer: torch.optim.Optimizer
+    precision: Precision
+    scaler: torch.amp.GradScaler | None
+    device: torch.device
+    info: DistInfo
+    accum: int
+
+
+def setup_run(model: nn.Module, cfg: TrainConfig) -> Run:
+    """Device, process group, precision, optimizer; the model is moved (not yet wrapped)."""
+    device = select_device(cfg.device)
+    info = init_distributed(device)
+    device = rank_device(device, info)
+    precision = Precision(resolve_precision(cfg.precision, device), device.type)
+    model.to(device)
+    optimizer = build_optimizer(model, cfg, device.type)
+    return Run(cfg=cfg, model=model, trained=model, optimizer=optimizer, precision=precision,
+               scaler=precision.grad_scaler(), device=device, info=info, accum=cfg.grad_accum_steps(info.world_size))
+
+
+def wrap_for_training(run: Run) -> None:
+    """torch.compile (optional), then DDP when world_size > 1 — applied from outside, the model stays plain."""
+    trained = run.model
+    if run.cfg.compile:
+        trained = torch.compile(trained)
+    if run.info.enabled:
+        ids = [run.device.index] if run.device.type == "cuda" else None
+        trained = nn.parallel.DistributedDataParallel(trained, device_ids=ids)
+    run.trained = trained
+
+
+def micro_batches(data: BatchSource, step: int, run: Run) -> list[torch.Tensor]:
+    """This rank's rows of the global batch of `step`, split into `accum` micro-batches."""
+    cfg = run.cfg
+    rows = data.get_batch(step, cfg.batch_size * run.accum, cfg.seq_len, cfg.seed, rank=run.info.rank,
+                          world_size=run.info.world_size)
+    return list(rows.to(run.device, non_blocking=True).chunk(run.accum))
+
+
+def fixed_val_windows(data: BatchSource, cfg: TrainConfig, device: torch.device) -> torch.Tensor:
+    windows = list(data.iter_windows(cfg.seq_len, max_windows=cfg.eval_windows))
+    if not windows:
+        raise ValueError(f"validation split has fewer than {cfg.seq_len + 1} tokens: can't evaluate "
+                         f"(lower train.seq_len or add text)")
+    return torch.stack(windows).to(device)
+
+
+def _save_checkpoint(run: Run, manager: CheckpointManager, step: int, tokens: int, val_loss: float,
+                     best: float, skipped: int, identity: dict[str, Any], model_config: dict[str, Any]) -> Path:
+    state = {
+        "step": step,
+        "tokens_seen": tokens,
+        "val_loss": val_loss,
+        "best_val_loss": best,
+        "nonfinite_skipped": skipped,
+        "data": {"next_step": step, "seed": run.cfg.seed, "rows_per_rank": run.cfg.batch_size * run.accum,
+                 "seq_len": run.cfg.seq_len, "world_size": run.info.world_size},
+        "schedule": {"kind": run.cfg.schedule, "step": step, "lr_next": lr_at(min(step, run.cfg.max_steps - 1), run.cfg)},
+        "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+        "precision": run.precision.name,
+        "params": {"train": to_dict(run.cfg), "model": model_config},
+        "identity": identity,
+        "fingerprint": fingerprint(identity),
+        "lineage": identity["lineage"],
+    }
+    return manager.save(run.model, run.optimizer, state, model_config=model_config)
+
+
+def _restore(run: Run, manager: CheckpointManager, path: Path) -> dict[str, Any]:
+    state = manager.load(path, run.model, run.optimizer)
+    if run.scaler is not None and state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
+    log.info("resuming from %s (step %d)", path, state["step"])
+    return state
+
+
+def _handle_nonfinite(run: Run, step: int, loss: float, skipped: int, manager: CheckpointManager) -> int:
+    where = f"non-finite loss ({loss}) at step {step + 1} (lr {lr_at(step, run.cfg):.3g})"
+    latest = manager.latest()
+    if run.cfg.on_nonfinite == "stop":
+        raise NonFiniteLossError(f"train: {where}; stopped. Last checkpoint: {latest}. Lower train.lr, raise "
+                                 "warmup_steps, or set train.on_nonfinite: skip")
+    skipped += 1
+    log.warning("train: %s; update skipped (%d so far)", where, skipped)
+    if skipped > run.cfg.max_nonfinite_skips:
+        raise NonFiniteLossError(f"train: {where}; {skipped} steps skipped > train.max_nonfinite_skips "
+                                 f"({run.cfg.max_nonfinite_skips}); stopped. Last checkpoint: {latest}")
+    return skipped
+
+
+def train(model: nn.Module, cfg: TrainConfig, train_data: BatchSource, val_data: BatchSource,
+          checkpoint_dir: Path, model_config: dict[str, Any], lineage: dict[str, Any],
+          live_dir: Path | None = None) -> tuple[TrainResult, Run]:
+    """Train `model` (already initialised with the same seed on every rank) for cfg.max_steps optimizer steps,
+    resuming from `checkpoint_dir` when a compatible checkpoint exists. Rank 0 writes checkpoints and metrics."""
+    run = setup_run(model, cfg)
+    manager = CheckpointManager(checkpoint_dir, keep_last=cfg.keep_last, keep_best=cfg.keep_best)
+    identity = run_identity(cfg, model_config, lineage, run.info.world_size)
+    resume_path = choose_resume(manager, identity, cfg.resume) if run.info.is_main else None
+    resume_path = _broadcast_path(resume_path, run.info)
+    state = _restore(run, manager, resume_path) if resume_path else {}
+    start = state.get("step", 0)
+    tokens, skipped = state.get("tokens_seen", 0), state.get("nonfinite_skipped", 0)
+    val_loss, best = state.get("val_loss", math.nan), state.get("best_val_loss", math.inf)
+    wrap_for_training(run)
+    val_windows = fixed_val_windows(val_data, cfg, run.device)
+    tokens_per_step = cfg.batch_size * cfg.seq_len * run.accum * run.info.world_size
+    flops_tok = flops_per_token(run.model, _cfg_int(model_config, "n_layers"), _cfg_int(model_config, "d_model"),
+                                cfg.seq_len)
+    peak = peak_flops(run.device, run.precision.name, cfg.peak_flops) if run.info.is_main else 0.0
+    logger = TrainLogger(live_dir if run.info.is_main else None, resume_step=start)
+    bar = tqdm(total=cfg.max_steps, initial=start, desc="train", unit="step",
+               disable=not (cfg.progress and run.info.is_main))
+    run.trained.train()
+    t0, last_ckpt, tok_s, mfu = time.perf_counter(), None, 0.0, 0.0
+    t_log, steps_since_log = t0, 0
+    for step in range(start, cfg.max_steps):
+        torch.manual_seed(step_seed(cfg.seed, run.info.rank, step))
+        lr = lr_at(step, cfg)
+        set_lr(run.optimizer, lr)
+        result = train_step(run.trained, run.optimizer, micro_batches(train_data, step, run), run.precision,
+                            cfg.grad_clip, run.info, run.scaler)
+        if not result.finite:
+            skipped = _handle_nonfinite(run, step, result.loss, skipped, manager)
+        tokens += tokens_per_step
+        steps_since_log += 1
+        done = step + 1
+        is_ckpt = done % cfg.checkpoint_every == 0 or done == cfg.max_steps
+        metrics = {}
+        if done % cfg.log_every == 0 or is_ckpt or done == start + 1:
+            now = time.perf_counter()
+            tok_s = tokens_per_step * steps_since_log / max(now - t_log, 1e-9)
+            mfu = tok_s * flops_tok / peak if peak else 0.0
+            t_log, steps_since_log = now, 0
+            metrics = {"train/loss": result.loss, "lr": lr, "grad_norm": result.grad_norm, "tokens_per_s": tok_s,
+                       "mfu": mfu, "tokens": tokens}
+        if done % cfg.eval_every == 0 or is_ckpt:
+            val_loss = validation_loss(run.trained, val_windows, run.precision, cfg.batch_size, run.info)
+            best = min(best, val_loss)
+            metrics["val/loss"] = val_loss
+        if metrics:
+            logger.log(done, metrics)
+        bar.set_postfix(loss=f"{result.loss:.3f}", val=f"{val_loss:.3f}", tok_s=f"{tok_s:,.0f}")
+        bar.update(1)
+        if is_ckpt:
+            if run.info.is_main:
+                last_ckpt = _save_checkpoint(run, manager, done, tokens, val_loss, best, skipped, identity,
+                                             model_config)
+            barrier(run.info)
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    steps_run = cfg.max_steps - start
+    avg_tok_s = tokens_per_step * steps_run / elapsed if steps_run else 0.0
+    result = TrainResult(step=cfg.max_steps, val_loss=val_loss, best_val_loss=best, tokens_seen=tokens,
+                         train_seconds=elapsed, tokens_per_second=avg_tok_s,
+                         mfu=avg_tok_s * flops_tok / peak if peak else 0.0, resumed_from=start,
+                         nonfinite_skipped=skipped,
+                         best_checkpoint=str(manager.best()) if run.info.is_main and manager.best() else None,
+                         last_checkpoint=str(last_ckpt or manager.latest()) if run.info.is_main else None)
+    logger.summary({"final/val_loss": val_loss, "final/tokens_per_s": avg_tok_s, "final/mfu": result.mfu})
+    logger.close()
+    return result, run
+
+
+def _cfg_int(model_config: dict[str, Any], key: str) -> int:
+    value = model_config.get(key)
+    return int(value) if value is not None else 0
+
+
+def _broadcast_path(path: Path | None, info: DistInfo) -> Path | None:
+    """Rank 0 decides whether and from where to resume; every rank loads the same checkpoint."""
+    if not info.enabled:
+        return path
+    import torch.distributed as dist
+
+    holder = [str(path) if path else None]
+    dist.broadcast_object_list(holder, src=0)
+    return Path(holder[0]) if holder[0] else None
