@@ -148,6 +148,17 @@ class DecoderOnlyTransformer(nn.Module):
         losses = [b.mlp.aux_loss for b in self.blocks if getattr(b.mlp, "aux_loss", None) is not None]
         self.last_aux_loss = torch.stack(losses).mean() if losses else None
 
+    @property
+    def aux_loss(self) -> torch.Tensor | None:
+        """moe_aux_loss_coef * load-balancing loss of the last forward (None for dense models).
+
+        For trainers that compute the LM loss from the logits themselves: add this to it. (The loss returned
+        by `forward` with labels/targets in training mode already includes it.)
+        """
+        if self.last_aux_loss is None:
+            return None
+        return self.config.moe_aux_loss_coef * self.last_aux_loss
+
     # ---- introspection ----
     def num_parameters(self, active: bool = False, non_embedding: bool = False) -> int:
         """Parameters (tied weights counted once). active=True counts only the top-k experts a token uses."""
