@@ -1,0 +1,307 @@
+"""The `gpt` command: use a trained model from the terminal.
+
+    gpt generate  stream a completion of a prompt (argument, --file, or stdin), print tokens/s at the end
+    gpt info      config, parameter count, tokenizer, lineage and size on disk of a model directory
+    gpt serve     the web UI + OpenAI-compatible API (gpt/serve/)
+    gpt quantize  INT8 / bf16 / fp16 copy of a model directory (gpt/quantize.py)
+    gpt export    Hugging Face directory (GPT-2 layout, safetensors, tokenizer.json) (gpt/export.py)
+    gpt import    a local Hugging Face GPT-2 directory → our model directory (gpt/export.py)
+
+`--checkpoint` defaults to `paths.model` from ./params.yaml (data/model), the train stage's output. Errors print
+one line naming the missing file or the bad value and exit with status 2 (bad usage) or 1 (anything else).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+EXIT_USAGE, EXIT_FAILURE = 2, 1
+
+
+class UsageError(ValueError):
+    """A bad command-line value; printed as `gpt <command>: error: ...` with exit status 2."""
+
+
+def _default_checkpoint() -> Path:
+    try:
+        from gpt.config import load_paths
+
+        return load_paths().model
+    except Exception:  # no params.yaml here: fall back to the documented default
+        return Path("data/model")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _nonneg_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _top_p(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def _add_checkpoint(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", "-c", type=Path, default=None, metavar="DIR",
+                   help="model directory (model.safetensors, config.json, tokenizer.model); "
+                        "default: paths.model from ./params.yaml (data/model)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gpt", description="Use a gpt-pipeline model: generate, inspect, serve, "
+                                     "quantize, export to / import from Hugging Face.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = sub.add_parser("generate", help="stream a completion to the terminal",
+                         description="Stream a completion of PROMPT (or --file, or stdin) token by token; "
+                                     "tokens/s goes to stderr at the end.")
+    _add_checkpoint(gen)
+    gen.add_argument("prompt", nargs="?", help="the prompt text (else --file, else stdin)")
+    gen.add_argument("--file", "-f", type=Path, help="read the prompt from this file")
+    gen.add_argument("--max-new-tokens", "-m", type=_positive_int, default=100, help="default: 100")
+    gen.add_argument("--temperature", "-t", type=_nonneg_float, default=0.8, help="0 = greedy (default: 0.8)")
+    gen.add_argument("--top-k", type=_positive_int, default=None, help="sample from the k most likely tokens")
+    gen.add_argument("--top-p", type=_top_p, default=None, help="nucleus sampling threshold in (0, 1]")
+    gen.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    gen.add_argument("--num-samples", "-n", type=_positive_int, default=1, help="completions to generate")
+    gen.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
+    gen.add_argument("--no-prompt", action="store_true", help="print only the completion, not the prompt")
+    gen.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+
+    info = sub.add_parser("info", help="describe a model directory",
+                          description="Config, parameter count, tokenizer, lineage and size on disk.")
+    _add_checkpoint(info)
+    info.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    serve = sub.add_parser("serve", help="web UI + OpenAI-compatible API",
+                           description="Serve the model over HTTP: web UI at /, OpenAI-style /v1/completions "
+                                       "and /v1/models, /health. One generation at a time (FIFO queue).")
+    _add_checkpoint(serve)
+    from gpt.serve.config import ServeConfig
+
+    d = ServeConfig()
+    serve.add_argument("--host", default=d.host, help=f"bind address (default: {d.host}, this machine only)")
+    serve.add_argument("--port", type=int, default=d.port, help=f"default: {d.port}")
+    serve.add_argument("--name", default=None, help="model id to show and accept (default: the directory name)")
+    serve.add_argument("--max-prompt-tokens", type=_positive_int, default=d.max_prompt_tokens)
+    serve.add_argument("--max-tokens", type=_positive_int, default=d.max_tokens, help="largest max_tokens allowed")
+    serve.add_argument("--default-max-tokens", type=_positive_int, default=d.default_max_tokens)
+    serve.add_argument("--max-n", type=_positive_int, default=d.max_n, help="largest n allowed")
+    serve.add_argument("--max-body-bytes", type=_positive_int, default=d.max_body_bytes)
+    serve.add_argument("--max-queue", type=_positive_int, default=d.max_queue,
+                       help="requests that may wait for the generation worker; more get HTTP 503")
+    serve.add_argument("--device", default="cpu")
+
+    quant = sub.add_parser("quantize", help="INT8 / bf16 / fp16 copy of a model",
+                           description="Write a quantized copy of a model directory (safetensors + "
+                                       "quantization.json; loads in generate/serve/info).")
+    _add_checkpoint(quant)
+    quant.add_argument("--dtype", required=True, choices=["int8", "bf16", "fp16"],
+                       help="int8: weight-only per-channel INT8 for CPU inference; bf16/fp16: half-size copies")
+    quant.add_argument("--out", "-o", type=Path, required=True, help="output directory (must not exist)")
+
+    export = sub.add_parser("export", help="export to a Hugging Face directory",
+                            description="Write a directory that transformers' AutoModelForCausalLM and "
+                                        "AutoTokenizer load offline (GPT-2 layout).")
+    _add_checkpoint(export)
+    export.add_argument("--format", required=True, choices=["hf"], help="only hf (GPT-2 layout) for now")
+    export.add_argument("--out", "-o", type=Path, required=True, help="output directory (must not exist)")
+
+    imp = sub.add_parser("import", help="import a local Hugging Face GPT-2 directory",
+                         description="Convert a local GPT-2-format Hugging Face directory (config.json, "
+                                     "model.safetensors, tokenizer) into a model directory for generate/serve.")
+    imp.add_argument("--from", dest="source_format", required=True, choices=["hf"])
+    imp.add_argument("source", type=Path, metavar="DIR", help="the Hugging Face model directory")
+    imp.add_argument("--out", "-o", type=Path, required=True, help="output model directory (must not exist)")
+    return parser
+
+
+def _read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt is not None and args.file is not None:
+        raise UsageError("give the prompt either as an argument or with --file, not both")
+    if args.file is not None:
+        if not args.file.is_file():
+            raise UsageError(f"--file: prompt file not found: {args.file}")
+        return args.file.read_text(encoding="utf-8")
+    if args.prompt is not None:
+        return args.prompt
+    if sys.stdin is not None and not sys.stdin.isatty():
+        return sys.stdin.read()
+    raise UsageError("no prompt: give PROMPT, --file FILE, or pipe text on stdin")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from gpt.serve.engine import SamplingParams, make_generator, stream_completion
+    from gpt.serve.loading import load_for_inference
+
+    prompt = _read_prompt(args)
+    loaded = load_for_inference(args.checkpoint, device=args.device)
+    tok = loaded.tokenizer
+    ids = tok.encode(prompt) or ([tok.bos_id] if tok.bos_id >= 0 else [])
+    if not ids:
+        raise UsageError("the prompt is empty and the tokenizer has no BOS token to start from")
+    limit = loaded.max_seq_len - 1
+    if len(ids) > limit:
+        print(f"gpt generate: prompt has {len(ids)} tokens; keeping the last {limit} (max_seq_len)", file=sys.stderr)
+        ids = ids[-limit:]
+    try:
+        params = SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                                tuple(args.stop), args.seed)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    gen = make_generator(args.seed, next(loaded.model.parameters()).device)
+    out = sys.stdout
+    total_tokens, total_seconds = 0, 0.0
+    for i in range(args.num_samples):
+        if args.num_samples > 1:
+            out.write(f"{'' if i == 0 else chr(10)}--- sample {i + 1}/{args.num_samples} ---\n")
+        if not args.no_prompt:
+            out.write(prompt)
+        out.flush()
+        start = time.perf_counter()
+        for delta in stream_completion(loaded.model, tok, ids, params, gen):
+            out.write(delta.text)
+            out.flush()
+            if delta.finish_reason is not None:
+                total_tokens += delta.num_tokens
+        total_seconds += time.perf_counter() - start
+    out.write("\n")
+    rate = total_tokens / total_seconds if total_seconds > 0 else float("nan")
+    print(f"[{total_tokens} tokens in {total_seconds:.2f} s: {rate:.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+def _print_info(info: dict[str, Any]) -> None:
+    cfg, tok = info["config"], info["tokenizer"]
+    print(f"checkpoint   {info['checkpoint']}")
+    print(f"parameters   {info['parameters']:,}")
+    shape = ", ".join(f"{k}={cfg[k]}" for k in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"))
+    print(f"config       {shape}")
+    variants = ", ".join(f"{k}={cfg[k]}" for k in ("norm", "position", "mlp", "activation", "tie_embeddings")
+                         if k in cfg)
+    print(f"             {variants}")
+    quant = info["quantization"]
+    print(f"weights      {quant['dtype'] + ' (' + quant['method'] + ')' if quant else 'fp32'}")
+    match = tok.get("matches_lineage")
+    check = "" if match is None else ("  (matches lineage)" if match else "  (DOES NOT match lineage!)")
+    print(f"tokenizer    {tok['file']}, vocab {tok['vocab_size']}, bos={tok['bos_id']} eos={tok['eos_id']}")
+    print(f"             sha256 {tok['sha256']}{check}")
+    lineage = info["lineage"]
+    if lineage:
+        print("lineage      " + json.dumps(lineage, sort_keys=True, indent=2).replace("\n", "\n             "))
+    else:
+        print("lineage      (no lineage.json)")
+    print(f"size on disk {info['size_on_disk_bytes'] / 1e6:.2f} MB")
+    for name, size in info["files"].items():
+        print(f"             {name:24s} {size / 1e6:10.2f} MB")
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from gpt.serve.loading import describe
+
+    info = describe(args.checkpoint)
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=True))
+    else:
+        _print_info(info)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gpt.serve.app import create_app
+    from gpt.serve.config import ServeConfig
+    from gpt.serve.loading import load_for_inference
+
+    cfg = ServeConfig(host=args.host, port=args.port, max_prompt_tokens=args.max_prompt_tokens,
+                      max_tokens=args.max_tokens, default_max_tokens=args.default_max_tokens, max_n=args.max_n,
+                      max_body_bytes=args.max_body_bytes, max_queue=args.max_queue)
+    loaded = load_for_inference(args.checkpoint, device=args.device, name=args.name)
+    app = create_app(loaded, cfg)
+    print(f"serving {loaded.name} from {loaded.directory} on http://{cfg.host}:{cfg.port}/ "
+          "(web UI at /, API at /v1)", file=sys.stderr)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from gpt.quantize import quantize_checkpoint
+
+    out = quantize_checkpoint(args.checkpoint, args.out, args.dtype)
+    print(f"wrote {args.dtype} model to {out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from gpt.export import export_hf
+
+    out = export_hf(args.checkpoint, args.out)
+    print(f"wrote Hugging Face model to {out} (AutoModelForCausalLM / AutoTokenizer .from_pretrained)")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from gpt.export import import_hf
+
+    out = import_hf(args.source, args.out)
+    print(f"wrote model directory {out} (use: gpt generate --checkpoint {out} ...)")
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "info": cmd_info, "serve": cmd_serve, "quantize": cmd_quantize,
+            "export": cmd_export, "import": cmd_import}
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    """Errors that deserve one clear line rather than a traceback."""
+    from gpt.config import ConfigError
+
+    errors: list[type[BaseException]] = [ConfigError, FileNotFoundError, FileExistsError]
+    for module, name in (("gpt.checkpoint", "CheckpointError"), ("gpt.tokenizer", "TokenizerError"),
+                         ("gpt.quantize", "QuantizeError"), ("gpt.export", "ExportError")):
+        try:
+            errors.append(getattr(__import__(module, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "checkpoint", "unset") is None:
+        args.checkpoint = _default_checkpoint()
+    try:
+        return COMMANDS[args.command](args)
+    except UsageError as err:
+        print(f"gpt {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"\ngpt {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `gpt generate ... | head`
+        return 0
+    except _known_errors() as err:
+        print(f"gpt {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""Shared fixtures. `tiny_model_dir`: a model directory like the train stage's `paths.model` output
+(model.safetensors + config.json + tokenizer.model + lineage.json) with a tiny random GPT-2-block model and a tiny
+sentencepiece BPE tokenizer, built once per session in seconds."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+TINY_WORDS = "the model reads text and writes a story about cats dogs birds trees rivers".split()
+TINY_LINES = [f"Day {i}: the {TINY_WORDS[i % 14]} saw {TINY_WORDS[(i * 5) % 14]}s by the {TINY_WORDS[(i * 3) % 14]}."
+              for i in range(400)]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    import torch
+
+    from gpt.checkpoint import save_model
+    from gpt.model import DecoderOnlyTransformer, ModelConfig
+    from gpt.tokenizer import TokenizerConfig, train_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny_model")
+    tok = train_tokenizer(TINY_LINES, TokenizerConfig(vocab_size=384), root / "tok")
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=2, max_seq_len=64, dropout=0.0)
+    model_dir = root / "model"
+    save_model(DecoderOnlyTransformer(config).eval(), model_dir)
+    shutil.copy(root / "tok" / "tokenizer.model", model_dir / "tokenizer.model")
+    lineage = {"tokenizer_sha256": tok.sha256, "step": 0, "val_loss": None}
+    (model_dir / "lineage.json").write_text(json.dumps(lineage), encoding="utf-8")
+    return model_dir
