@@ -1,0 +1,37 @@
+"""Stage `augment`: cleaned corpus → augmented corpus (originals + machine-translated train documents).
+
+Reads `augment:` from params.yaml; paths from `paths:`. With `enabled: false` or `backend: none` the corpus is
+copied through unchanged, so the DAG stays the same. Translations are cached in `paths.translation_cache`
+(not a DVC output; see gpt/augment/cache.py). Writes metrics/augment.json.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from gpt.augment import AugmentConfig, BackendUnavailable, augment_corpus
+from gpt.augment.pipeline import AugmentFailed
+from gpt.config import load_paths, load_section
+from gpt.data.atomic import write_json_atomic
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    cfg = load_section("augment", AugmentConfig)
+    paths = load_paths()
+    try:
+        metrics = augment_corpus(cfg, paths.cleaned, paths.augmented, paths.translation_cache)
+    except (BackendUnavailable, AugmentFailed) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    write_json_atomic(paths.metrics / "augment.json", metrics)
+    print(
+        f"augment: {metrics['documents_in']} documents in, {metrics['documents_translated']} translated "
+        f"({metrics['cache_hits']} cache hits, {metrics['documents_failed']} failed) → {paths.augmented}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
