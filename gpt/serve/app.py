@@ -140,6 +140,7 @@ def _submit(app: FastAPI, prompt_ids: list[int], params: SamplingParams, n: int)
     loop = asyncio.get_running_loop()
     out: asyncio.Queue = asyncio.Queue()
     loaded: LoadedModel = app.state.loaded
+    stats: dict[str, int] = app.state.stats
 
     def put(item: Any) -> None:
         loop.call_soon_threadsafe(out.put_nowait, item)
@@ -151,7 +152,10 @@ def _submit(app: FastAPI, prompt_ids: list[int], params: SamplingParams, n: int)
             for index in range(n):
                 for delta in stream_completion(loaded.model, loaded.tokenizer, prompt_ids, params, gen, cancelled):
                     put((index, delta))
+                    if delta.finish_reason is not None:
+                        stats["completion_tokens"] += delta.num_tokens
                 if cancelled():
+                    stats["cancelled"] += 1
                     break
             put(None)
         except Exception as err:  # reported to the client, the worker keeps running
@@ -243,6 +247,8 @@ def create_app(loaded: LoadedModel, config: ServeConfig | None = None) -> FastAP
     app = FastAPI(title="gpt-pipeline", summary="OpenAI-compatible completions for a gpt-pipeline model",
                   lifespan=lifespan)
     app.state.loaded, app.state.config, app.state.worker = loaded, cfg, worker
+    # counters, written only by the worker thread: generated tokens, generations stopped by a disconnect
+    app.state.stats = {"completion_tokens": 0, "cancelled": 0}
     app.add_middleware(BodySizeLimit, max_bytes=cfg.max_body_bytes)
     started = int(time.time())
     index_html = resources.files("gpt.serve").joinpath("index.html").read_text(encoding="utf-8")
@@ -265,7 +271,7 @@ def create_app(loaded: LoadedModel, config: ServeConfig | None = None) -> FastAP
     async def health() -> dict:
         worker: Worker = app.state.worker
         return {"status": "ok", "model": loaded.name, "busy": worker.busy.is_set(), "queued": worker.queued(),
-                "max_seq_len": loaded.max_seq_len, "limits": cfg.limits()}
+                "max_seq_len": loaded.max_seq_len, "limits": cfg.limits(), "stats": dict(app.state.stats)}
 
     @app.get("/v1/models")
     async def models() -> dict:
