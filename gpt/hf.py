@@ -62,7 +62,8 @@ def gpt2_config_from_hf(hf_config: Any) -> ModelConfig:
         vocab_size=hf_config.vocab_size, d_model=hf_config.n_embd, n_layers=hf_config.n_layer,
         n_heads=hf_config.n_head, max_seq_len=hf_config.n_positions, dropout=hf_config.resid_pdrop,
         bias=True, activation=activation, layer_norm_eps=hf_config.layer_norm_epsilon,
-        init_std=hf_config.initializer_range, d_ff=hf_config.n_inner,
+        init_std=hf_config.initializer_range,
+        d_ff=None if hf_config.n_inner in (None, 4 * hf_config.n_embd) else hf_config.n_inner,
         tie_embeddings=getattr(hf_config, "tie_word_embeddings", True),
     )
 

@@ -1,0 +1,78 @@
+"""Checkpoints: save → load is bit-exact, mismatches and damage give CheckpointError, writes are atomic."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gpt.checkpoint import CheckpointError, load_config, load_metadata, load_model, save_model
+from tests.test_model import build, small
+
+
+@pytest.mark.parametrize("preset, overrides", [("tiny", {}), ("tiny", {"tie_embeddings": False}), ("hybrid", {})])
+def test_save_load_round_trip_is_bit_exact(tmp_path, preset, overrides):
+    model = build(small(preset, **overrides))
+    save_model(model, tmp_path / "m", metadata={"step": 7})
+    loaded = load_model(tmp_path / "m")
+    assert loaded.config == model.config
+    assert not loaded.training
+    a, b = model.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ids = torch.randint(0, 97, (2, 9))
+    assert torch.equal(model(ids)[0], loaded(ids)[0])
+    assert load_metadata(tmp_path / "m") == {"step": 7}
+    assert load_config(tmp_path / "m") == model.config
+    if model.config.tie_embeddings:
+        assert loaded.lm_head.weight is loaded.tok_embeddings.weight
+
+
+def test_files_are_safetensors_and_json_and_nothing_else_is_touched(tmp_path):
+    (tmp_path / "tokenizer.model").write_bytes(b"keep me")
+    save_model(build(small()), tmp_path)
+    save_model(build(small(), seed=1), tmp_path)  # overwrite in place
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["config.json", "model.safetensors", "tokenizer.model"]  # no temp files left
+    assert (tmp_path / "tokenizer.model").read_bytes() == b"keep me"
+    assert "lm_head.weight" not in load_file(tmp_path / "model.safetensors")  # tied weight stored once
+    assert json.loads((tmp_path / "config.json").read_text())["config"]["d_model"] == 32
+
+
+def test_load_with_dtype(tmp_path):
+    save_model(build(small()), tmp_path)
+    assert load_model(tmp_path, dtype=torch.bfloat16).tok_embeddings.weight.dtype == torch.bfloat16
+    save_model(load_model(tmp_path, dtype=torch.bfloat16), tmp_path / "bf16")
+    assert load_model(tmp_path / "bf16").tok_embeddings.weight.dtype == torch.bfloat16  # default: as saved
+
+
+def test_config_that_does_not_match_the_weights_is_rejected(tmp_path):
+    save_model(build(small()), tmp_path)
+    doc = json.loads((tmp_path / "config.json").read_text())
+    doc["config"]["d_model"] = 64
+    (tmp_path / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match="does not match its config.json.*shape"):
+        load_model(tmp_path)
+    doc["config"]["d_model"], doc["config"]["n_layers"] = 32, 3
+    (tmp_path / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match="missing tensors"):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "config.json").unlink(), "not found"),
+    (lambda d: (d / "model.safetensors").unlink(), "not found"),
+    (lambda d: (d / "config.json").write_text("{not json"), "not valid JSON"),
+    (lambda d: (d / "config.json").write_text('{"d_model": 3}'), "not a gpt-pipeline-model config"),
+    (lambda d: (d / "model.safetensors").write_bytes(b"garbage"), "cannot read"),
+    (lambda d: (d / "config.json").write_text(
+        '{"format": "gpt-pipeline-model", "version": 1, "config": {"d_model": 30, "n_heads": 4}}'),
+     "invalid model config.*not divisible"),
+])
+def test_damaged_checkpoints_raise_checkpoint_error(tmp_path, damage, message):
+    save_model(build(small()), tmp_path)
+    damage(tmp_path)
+    with pytest.raises(CheckpointError, match=message):
+        load_model(tmp_path)
