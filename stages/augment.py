@@ -12,17 +12,17 @@ import sys
 
 from gpt.augment import AugmentConfig, BackendUnavailable, augment_corpus
 from gpt.augment.pipeline import AugmentFailed
-from gpt.config import load_paths, load_section
+from gpt.config import ConfigError, load_paths, load_section
 from gpt.data.atomic import write_json_atomic
 
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    cfg = load_section("augment", AugmentConfig)
-    paths = load_paths()
     try:
+        cfg = load_section("augment", AugmentConfig)
+        paths = load_paths()
         metrics = augment_corpus(cfg, paths.cleaned, paths.augmented, paths.translation_cache)
-    except (BackendUnavailable, AugmentFailed) as err:
+    except (ConfigError, BackendUnavailable, AugmentFailed) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     write_json_atomic(paths.metrics / "augment.json", metrics)

@@ -1,0 +1,121 @@
+"""The apertium backend against the real `apertium` command (CI installs apertium + apertium-eng-spa):
+paragraph layout, characters apertium uses as markup, batching with the separator (and its fallback), the
+missing-package message, and the `augment` stage end to end on a small corpus.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gpt.augment import BackendUnavailable
+from gpt.augment import apertium as ap
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("apertium") is None or "eng-spa" not in ap.installed_pairs(),
+    reason="needs `apt-get install apertium apertium-eng-spa` (make system-deps)",
+)
+ROOT = Path(__file__).resolve().parents[1]
+
+DOCS = [
+    "The house is very big.\n\nMy brother reads a book in the garden.\nHe likes it.",
+    "  Leading and trailing whitespace stays.\n\n\n\nAfter three blank lines.\n",
+    "Markup-like characters: <b>bold</b> [brackets] back\\slash ^caret$ @at *star #hash a/b {braces} 50% & done.",
+    "Where is the train station?\n\nThe train leaves at 5 o'clock.",
+    "x < y > z and list[0] and C:\\dir\\file and email a@b.com",
+]
+
+
+def plain_apertium(text: str) -> str:
+    res = subprocess.run(["apertium", "-u", "eng-spa"], input=text, capture_output=True, text=True, check=True)
+    return res.stdout
+
+
+@pytest.fixture(scope="module")
+def translator():
+    return ap.ApertiumTranslator("eng-spa")
+
+
+def test_one_call_for_a_batch_and_layout_preserved(translator):
+    calls = translator.stats["process_calls"]
+    out = translator.translate(DOCS)
+    assert translator.stats["process_calls"] == calls + 1 and translator.stats["batch_fallbacks"] == 0
+    assert len(out) == len(DOCS)
+    assert out[0].startswith("La casa es muy grande.") and "libro" in out[0]
+    for src, dst in zip(DOCS, out):
+        assert dst != src
+        assert dst.count("\n") == src.count("\n") and dst.count("\n\n") == src.count("\n\n")
+        assert len(dst) - len(dst.lstrip()) == len(src) - len(src.lstrip())
+        assert len(dst) - len(dst.rstrip()) == len(src) - len(src.rstrip())
+
+
+def test_markup_characters_survive(translator):
+    out = translator.translate(DOCS)
+    for src, dst in zip(DOCS, out):
+        for ch in "<>[]\\^$@*#/{}%&":
+            assert dst.count(ch) == src.count(ch), (ch, src, dst)
+
+
+def test_single_document_equals_plain_apertium(translator):
+    for text in DOCS:
+        assert translator.translate([text])[0].strip() == plain_apertium(text).strip()
+
+
+def test_separator_in_text_and_empty_texts(translator):
+    texts = ["", "   ", f"A text that mentions {ap.SEPARATOR} itself.", "The dog sleeps."]
+    out = translator.translate(texts)
+    assert out[:2] == ["", "   "]
+    assert ap.SEPARATOR in out[2] and out[2] != texts[2]
+    assert out[3] == translator.translate([texts[3]])[0]
+
+
+def test_mangled_separator_falls_back_to_one_call_per_document(translator, monkeypatch):
+    real_run = translator._run
+    monkeypatch.setattr(translator, "_run", lambda text: real_run(text).replace(ap.SEPARATOR, "", 1))
+    before = dict(translator.stats)
+    out = translator.translate(DOCS[:3])
+    assert translator.stats["batch_fallbacks"] == before["batch_fallbacks"] + 1
+    assert translator.stats["process_calls"] == before["process_calls"] + 1 + 3
+    monkeypatch.undo()
+    assert out == [translator.translate([d])[0] for d in DOCS[:3]]
+
+
+def test_missing_program_or_pair_says_what_to_install(monkeypatch):
+    with pytest.raises(BackendUnavailable, match=r"apt-get install apertium apertium-eng-xyz.*augment\.enabled: false"):
+        ap.ApertiumTranslator("eng-xyz")
+    monkeypatch.setattr(ap.shutil, "which", lambda name: None)
+    with pytest.raises(BackendUnavailable, match=r"not installed.*apt-get install apertium apertium-eng-spa"):
+        ap.ApertiumTranslator("eng-spa")
+
+
+def test_stage_end_to_end(tmp_path):
+    """`python -m stages.augment` on a small corpus: default params, then a re-run served from the cache."""
+    sys.path.insert(0, str(ROOT))
+    from gpt.data.corpus import CorpusWriter
+
+    rows = [{"id": f"d{i}", "text": DOCS[i % len(DOCS)] + f" Number {i}.", "source": "t", "lang": "en",
+             "split": "val" if i % 5 == 0 else "train"} for i in range(20)]
+    with CorpusWriter(tmp_path / "data/cleaned") as writer:
+        writer.write(rows)
+    (tmp_path / "params.yaml").write_text(
+        "paths:\n  metrics: metrics\naugment:\n  backend: apertium\n  fraction: 1.0\n  workers: 2\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "stages.augment"]
+    first = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    metrics = json.loads((tmp_path / "metrics/augment.json").read_text())
+    assert metrics["documents_translated"] == 16 and metrics["documents_failed"] == 0
+    assert metrics["backends"][0]["model"] == "eng-spa"
+    subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=True)
+    again = json.loads((tmp_path / "metrics/augment.json").read_text())
+    assert again["cache_hits"] == 16 and again["documents_sent"] == 0
+    (tmp_path / "params.yaml").write_text("augment:\n  fraction: 2.0\n")
+    bad = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "augment.fraction" in bad.stderr
