@@ -13,7 +13,7 @@ import hashlib
 import io
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -117,9 +117,10 @@ class TokenizerConfig:
     vocab_size: int = 4096
     character_coverage: float = 0.9995
     byte_fallback: bool = True
-    # Lines sampled (deterministically, by hash) from the train split to train on; 0 = all lines.
-    sample_lines: int = 200_000
-    max_line_chars: int = 4096
+    # Training "sentences" are paragraphs (text between blank lines, so "\n" and indentation are learned, not
+    # byte-encoded), cut at max_sentence_chars; sample_sentences of them are drawn by hash (0 = all).
+    sample_sentences: int = 200_000
+    max_sentence_chars: int = 4096
     # Reserved pieces encoded as one token wherever they appear (chat roles later); BOS/EOS/PAD are always there.
     special_tokens: list[str] = dataclasses.field(
         default_factory=lambda: ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
@@ -132,10 +133,10 @@ class TokenizerConfig:
             raise ConfigError(f"tokenizer.vocab_size: must be >= 16, got {self.vocab_size}")
         if not 0.9 <= self.character_coverage <= 1.0:
             raise ConfigError(f"tokenizer.character_coverage: must be in [0.9, 1.0], got {self.character_coverage}")
-        if self.sample_lines < 0:
-            raise ConfigError(f"tokenizer.sample_lines: must be >= 0 (0 = all), got {self.sample_lines}")
-        if self.max_line_chars < 16:
-            raise ConfigError(f"tokenizer.max_line_chars: must be >= 16, got {self.max_line_chars}")
+        if self.sample_sentences < 0:
+            raise ConfigError(f"tokenizer.sample_sentences: must be >= 0 (0 = all), got {self.sample_sentences}")
+        if self.max_sentence_chars < 16:
+            raise ConfigError(f"tokenizer.max_sentence_chars: must be >= 16, got {self.max_sentence_chars}")
         if self.num_threads < 1:
             raise ConfigError(f"tokenizer.num_threads: must be >= 1, got {self.num_threads}")
         for tok in self.special_tokens:
@@ -174,7 +175,7 @@ def train_tokenizer(lines: Iterable[str], cfg: TokenizerConfig, out_dir: str | P
             pad_id=PAD_ID,
             user_defined_symbols=list(cfg.special_tokens),
             input_sentence_size=0,  # we sample ourselves, deterministically
-            max_sentence_length=cfg.max_line_chars * 4,  # bytes
+            max_sentence_length=cfg.max_sentence_chars * 4,  # bytes (UTF-8 needs at most 4 per character)
             split_digits=True,
             allow_whitespace_only_pieces=True,
             remove_extra_whitespaces=False,  # keep indentation/newline structure of the text
@@ -201,3 +202,74 @@ def train_tokenizer(lines: Iterable[str], cfg: TokenizerConfig, out_dir: str | P
     vocab = "".join(f"{tokenizer.id_to_piece(i)}\t{tokenizer.sp.get_score(i):g}\n" for i in range(tokenizer.vocab_size))
     write_bytes_atomic(out_dir / VOCAB_FILE, vocab.encode("utf-8"))
     return tokenizer
+
+
+def _sentence_key(seed: int, sentence: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{sentence}".encode()).digest()[:8], "big")
+
+
+def split_sentences(text: str, max_chars: int) -> Iterator[str]:
+    """Paragraphs of `text` (split at blank lines), each cut into pieces of at most `max_chars`."""
+    for paragraph in text.split("\n\n"):
+        paragraph = paragraph.strip("\n")
+        while paragraph:
+            if len(paragraph) <= max_chars:
+                yield paragraph
+                break
+            cut = paragraph.rfind("\n", 0, max_chars)
+            cut = cut if cut > 0 else max_chars
+            yield paragraph[:cut]
+            paragraph = paragraph[cut:].lstrip("\n")
+
+
+def training_sentences(corpus_dir: str | Path, cfg: TokenizerConfig) -> list[str]:
+    """Paragraphs of the corpus's train split, sampled to ~`sample_sentences`.
+
+    A paragraph is kept iff its seeded hash falls below a threshold, so the sample does not depend on document
+    order, and adding text only adds paragraphs to it.
+    """
+    from gpt.data.corpus import read_corpus
+
+    def sentences() -> Iterator[str]:
+        for batch in read_corpus(corpus_dir, split="train", columns=["text"]):
+            for text in batch.column("text").to_pylist():
+                yield from split_sentences(text, cfg.max_sentence_chars)
+
+    total = sum(1 for _ in sentences())
+    if total == 0:
+        raise TokenizerError(f"{corpus_dir}: the train split has no text to train a tokenizer on")
+    if cfg.sample_sentences == 0 or total <= cfg.sample_sentences:
+        return list(sentences())
+    threshold = cfg.sample_sentences / total * 2**64
+    return [s for s in sentences() if _sentence_key(cfg.seed, s) < threshold]
+
+
+def tokenizer_stats(tokenizer: Tokenizer, texts: Iterable[str], num_threads: int = -1) -> dict:
+    """Compression and coverage of `tokenizer` on `texts`: bytes/token, tokens/word, byte-fallback and unk rates."""
+    is_byte = tokenizer.byte_ids()
+    n_tokens = n_bytes = n_words = n_byte_tokens = n_unk = 0
+    batch: list[str] = []
+
+    def flush() -> None:
+        nonlocal n_tokens, n_byte_tokens, n_unk
+        for ids in tokenizer.encode_batch_numpy(batch, num_threads=num_threads):
+            n_tokens += ids.size
+            n_byte_tokens += int(is_byte[ids].sum())
+            n_unk += int((ids == tokenizer.unk_id).sum())
+        batch.clear()
+
+    for text in texts:
+        n_bytes += len(text.encode("utf-8"))
+        n_words += len(text.split())
+        batch.append(text)
+        if len(batch) >= 256:
+            flush()
+    flush()
+    return {
+        "bytes_per_token": n_bytes / max(1, n_tokens),
+        "tokens_per_word": n_tokens / max(1, n_words),
+        "byte_fallback_rate": n_byte_tokens / max(1, n_tokens),
+        "unk_rate": n_unk / max(1, n_tokens),
+        "tokens": n_tokens,
+        "bytes": n_bytes,
+    }

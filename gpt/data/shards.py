@@ -66,10 +66,14 @@ class ShardWriter:
 
     def add_document(self, ids: np.ndarray | list[int], num_bytes: int) -> None:
         """Add one document's ids (EOS already appended by the caller) and its UTF-8 byte count."""
+        self.add_tokens(ids, num_bytes, num_documents=1)
+
+    def add_tokens(self, ids: np.ndarray | list[int], num_bytes: int, num_documents: int) -> None:
+        """Add the ids of `num_documents` consecutive documents (EOS after each) holding `num_bytes` of text."""
         arr = np.asarray(ids)
         if arr.size and (arr.min() < 0 or arr.max() >= self.vocab_size):
             raise ShardError(f"token id out of range [0, {self.vocab_size}) in split {self.split}")
-        self.num_documents += 1
+        self.num_documents += num_documents
         self.num_bytes += num_bytes
         self._append(arr)
 

@@ -1,0 +1,176 @@
+"""`prepare`: raw sources → cleaned, deduplicated, split corpus (Parquet parts) + counts for metrics/prepare.json.
+
+One streaming pass in a fixed order: read each source's documents, clean them, drop by quality / language /
+duplicate (every drop counted by reason), give each kept document a content-hash id and a split drawn from that
+id (so adding documents never moves old ones between train and val), and write them with `CorpusWriter`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import platform
+from collections import Counter
+from pathlib import Path
+
+from tqdm import tqdm
+
+from gpt.config import ConfigError
+from gpt.data.clean import CleanConfig, QualityConfig, clean_text, quality_problem
+from gpt.data.corpus import CorpusWriter
+from gpt.data.dedup import DedupConfig, Deduplicator, content_id
+from gpt.data.sources import SourceConfig, Tally, iter_source
+
+
+class PrepareError(RuntimeError):
+    """Nothing usable came out of the sources (the message says what was dropped and why)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitConfig:
+    val_fraction: float = 0.05
+    salt: str = "v1"  # change it to draw a different (still deterministic) split
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"prepare.split.val_fraction: must be in [0, 1), got {self.val_fraction}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LangIdConfig:
+    """Optional language identification with `langid` (its model ships inside the package; no download)."""
+
+    enabled: bool = False
+    keep: list[str] = dataclasses.field(default_factory=list)  # empty: tag every document, drop none
+    min_probability: float = 0.0
+    max_chars: int = 2000  # classify only the start of long documents
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.min_probability <= 1.0:
+            raise ConfigError(f"prepare.langid.min_probability: must be in [0, 1], got {self.min_probability}")
+
+
+def _default_sources() -> list[SourceConfig]:
+    return [SourceConfig(kind="builtin"), SourceConfig(kind="files")]
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareConfig:
+    """params.yaml `prepare:`."""
+
+    sources: list[SourceConfig] = dataclasses.field(default_factory=_default_sources)
+    split: SplitConfig = dataclasses.field(default_factory=SplitConfig)
+    clean: CleanConfig = dataclasses.field(default_factory=CleanConfig)
+    quality: QualityConfig = dataclasses.field(default_factory=QualityConfig)
+    dedup: DedupConfig = dataclasses.field(default_factory=DedupConfig)
+    langid: LangIdConfig = dataclasses.field(default_factory=LangIdConfig)
+    rows_per_file: int = 50_000
+    max_record_bytes: int = 8 << 20  # a text file / JSON line / CSV field larger than this is split or skipped
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise ConfigError("prepare.sources: list at least one source (kind: builtin | files | hf)")
+        if self.rows_per_file < 1:
+            raise ConfigError(f"prepare.rows_per_file: must be >= 1, got {self.rows_per_file}")
+        if self.max_record_bytes < 1024:
+            raise ConfigError(f"prepare.max_record_bytes: must be >= 1024, got {self.max_record_bytes}")
+
+
+def assign_split(doc_id: str, cfg: SplitConfig) -> str:
+    """"val" for a fixed fraction of ids, decided by the id's hash alone."""
+    digest = hashlib.sha256(f"{cfg.salt}:{doc_id}".encode()).digest()
+    return "val" if int.from_bytes(digest[:8], "big") < cfg.val_fraction * 2**64 else "train"
+
+
+class _LanguageId:
+    def __init__(self, cfg: LangIdConfig) -> None:
+        from langid.langid import LanguageIdentifier, model
+
+        self.cfg = cfg
+        self.identifier = LanguageIdentifier.from_modelstring(model, norm_probs=True)
+
+    def classify(self, text: str) -> tuple[str, bool]:
+        """(language, keep?)"""
+        lang, prob = self.identifier.classify(text[: self.cfg.max_chars])
+        ok = (not self.cfg.keep or lang in self.cfg.keep) and prob >= self.cfg.min_probability
+        return lang, ok
+
+
+@dataclasses.dataclass
+class _Counts:
+    docs_in: int = 0
+    bytes_in: int = 0
+    dropped: Counter = dataclasses.field(default_factory=Counter)
+    repaired: Counter = dataclasses.field(default_factory=Counter)
+    splits: dict = dataclasses.field(default_factory=lambda: {s: {"documents": 0, "bytes": 0} for s in ("train", "val")})
+    by_source: Counter = dataclasses.field(default_factory=Counter)
+
+
+def prepare_corpus(cfg: PrepareConfig, raw_dir: Path, out_dir: Path) -> dict:
+    """Run the whole `prepare` pass; returns the metrics dict. Raises PrepareError if nothing survives."""
+    from gpt.data.builtin import BuiltinStats
+
+    tally, counts, builtin = Tally(), _Counts(), BuiltinStats()
+    dedup = Deduplicator(cfg.dedup)
+    langid = _LanguageId(cfg.langid) if cfg.langid.enabled else None
+    with CorpusWriter(out_dir, rows_per_file=cfg.rows_per_file) as writer:
+        for source in cfg.sources:
+            docs = iter_source(source, Path(raw_dir), tally, cfg.max_record_bytes, builtin)
+            for doc in tqdm(docs, desc=f"prepare {source.kind}", unit="doc", mininterval=2.0, disable=None):
+                row = _process(doc, cfg, counts, dedup, langid)
+                if row is not None:
+                    writer.write([row])
+        documents_out = sum(s["documents"] for s in counts.splits.values())
+        if documents_out == 0:
+            raise PrepareError(
+                f"prepare: no documents left ({counts.docs_in} read; dropped {dict(counts.dropped)}; "
+                f"files skipped {dict(tally.files_skipped)}). Check prepare.sources and the filters in params.yaml."
+            )
+    return _metrics(cfg, counts, tally, builtin, writer.num_files)
+
+
+def _process(doc, cfg: PrepareConfig, counts: _Counts, dedup: Deduplicator, langid: _LanguageId | None):
+    counts.docs_in += 1
+    counts.bytes_in += len(doc.text.encode("utf-8", errors="replace"))
+    text = clean_text(doc.text, cfg.clean, counts.repaired)
+    reason = quality_problem(text, cfg.clean, cfg.quality)
+    lang = doc.lang
+    if reason is None and langid is not None:
+        lang, ok = langid.classify(text)
+        reason = None if ok else "language"
+    if reason is None:
+        duplicate = dedup.is_duplicate(text)
+        reason = f"{duplicate}_duplicate" if duplicate else None
+    if reason is not None:
+        counts.dropped[reason] += 1
+        return None
+    doc_id = content_id(text)
+    split = assign_split(doc_id, cfg.split)
+    counts.splits[split]["documents"] += 1
+    counts.splits[split]["bytes"] += len(text.encode("utf-8"))
+    counts.by_source[doc.source.split(":", 1)[0]] += 1
+    return {"id": doc_id, "text": text, "source": doc.source, "lang": lang, "split": split}
+
+
+def _metrics(cfg: PrepareConfig, counts: _Counts, tally: Tally, builtin, num_files: int) -> dict:
+    metrics = {
+        "documents_in": counts.docs_in,
+        "bytes_in": counts.bytes_in,
+        "documents_out": sum(s["documents"] for s in counts.splits.values()),
+        "bytes_out": sum(s["bytes"] for s in counts.splits.values()),
+        "dropped": dict(sorted(counts.dropped.items())),
+        "cleaned": dict(sorted((+counts.repaired).items())),
+        "splits": counts.splits,
+        "documents_by_source": dict(sorted(counts.by_source.items())),
+        "inputs": tally.as_dict(),
+        "parquet_files": num_files,
+    }
+    if any(s.kind == "builtin" for s in cfg.sources):
+        metrics["builtin"] = {
+            "python": platform.python_version(),
+            "python_modules": builtin.modules,
+            "c_modules": builtin.c_modules,
+            "topics": builtin.topics,
+            "skipped": dict(sorted(builtin.skipped.items())),
+        }
+    return metrics

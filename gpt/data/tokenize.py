@@ -1,0 +1,75 @@
+"""`tokenize`: a corpus split → token shards, encoding batches of documents on all cores.
+
+Reading the next Parquet batch, encoding (sentencepiece, its own thread pool, GIL released) and writing shards
+overlap: a background thread encodes batch i+1 while the main thread appends batch i to the shard writer. Memory
+holds two batches of text and one shard of tokens, whatever the corpus size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+from tqdm import tqdm
+
+from gpt.config import ConfigError
+from gpt.data.corpus import read_corpus
+from gpt.data.shards import ShardWriter
+from gpt.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizeConfig:
+    """params.yaml `tokenize:`."""
+
+    shard_tokens: int = 1 << 20  # tokens per shard file (2 MiB as uint16)
+    batch_documents: int = 256  # documents per encode call
+    num_threads: int = -1  # encode threads; -1 = all cores (the result does not depend on it)
+
+    def __post_init__(self) -> None:
+        if self.shard_tokens < 1024:
+            raise ConfigError(f"tokenize.shard_tokens: must be >= 1024, got {self.shard_tokens}")
+        if self.batch_documents < 1:
+            raise ConfigError(f"tokenize.batch_documents: must be >= 1, got {self.batch_documents}")
+        if self.num_threads == 0 or self.num_threads < -1:
+            raise ConfigError(f"tokenize.num_threads: must be -1 (all cores) or >= 1, got {self.num_threads}")
+
+
+def _encoded_batches(
+    tokenizer: Tokenizer, corpus_dir: Path, split: str, cfg: TokenizeConfig
+) -> Iterator[tuple[np.ndarray, int, int]]:
+    """(token ids with EOS after each document, UTF-8 bytes, documents) per batch, encoded one batch ahead."""
+
+    def encode(batch) -> tuple[np.ndarray, int, int]:
+        texts = batch.column("text")
+        arrays = tokenizer.encode_batch_numpy(texts.to_pylist(), num_threads=cfg.num_threads, add_eos=True)
+        num_bytes = pc.sum(pc.binary_length(texts)).as_py() or 0
+        return np.concatenate(arrays) if arrays else np.empty(0, np.int32), num_bytes, len(arrays)
+
+    batches = read_corpus(corpus_dir, split=split, columns=["text"], batch_size=cfg.batch_documents)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        for batch in batches:
+            future = pool.submit(encode, batch)
+            if pending is not None:
+                yield pending.result()
+            pending = future
+        if pending is not None:
+            yield pending.result()
+
+
+def tokenize_split(
+    tokenizer: Tokenizer, corpus_dir: Path, split: str, split_dir: Path, cfg: TokenizeConfig
+) -> dict:
+    """Encode one split into `split_dir` (shards + manifest); returns the manifest."""
+    writer = ShardWriter(split_dir, split, tokenizer.vocab_size, tokenizer.sha256, cfg.shard_tokens)
+    progress = tqdm(desc=f"tokenize {split}", unit="B", unit_scale=True, mininterval=2.0, disable=None)
+    for ids, num_bytes, num_docs in _encoded_batches(tokenizer, corpus_dir, split, cfg):
+        writer.add_tokens(ids, num_bytes=num_bytes, num_documents=num_docs)
+        progress.update(num_bytes)
+    progress.close()
+    return writer.close()

@@ -1,0 +1,32 @@
+"""Stage `prepare`: the sources in params `prepare.sources` → `paths.cleaned` (Parquet parts) + metrics/prepare.json."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from gpt.config import ConfigError, load_paths, load_section
+from gpt.data.atomic import write_json_atomic
+from gpt.data.prepare import PrepareConfig, PrepareError, prepare_corpus
+from gpt.data.sources import SourceError
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        paths = load_paths()
+        cfg = load_section("prepare", PrepareConfig)
+        start = time.perf_counter()
+        metrics = prepare_corpus(cfg, paths.raw, paths.cleaned)
+    except (ConfigError, PrepareError, SourceError) as err:
+        raise SystemExit(f"error: {err}") from None
+    write_json_atomic(paths.metrics / "prepare.json", metrics)
+    print(
+        f"prepare: {metrics['documents_out']}/{metrics['documents_in']} documents, "
+        f"{metrics['bytes_out'] / 1e6:.2f} MB -> {paths.cleaned} in {time.perf_counter() - start:.1f}s; "
+        f"dropped {metrics['dropped']}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""Stage `tokenize`: corpus train/val splits → Arrow token shards in `paths.shards` + metrics/tokenize.json.
+
+Reads the cleaned corpus (`paths.cleaned`); when the `augment` stage is in the pipeline, the augmented one.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from gpt.config import ConfigError, load_paths, load_section
+from gpt.data.atomic import atomic_directory, write_json_atomic
+from gpt.data.corpus import SPLITS, CorpusError
+from gpt.data.shards import ShardError
+from gpt.data.tokenize import TokenizeConfig, tokenize_split
+from gpt.tokenizer import Tokenizer, TokenizerError
+
+
+def main() -> None:
+    try:
+        paths = load_paths()
+        cfg = load_section("tokenize", TokenizeConfig)
+        tokenizer = Tokenizer.load(paths.tokenizer)
+        corpus = paths.cleaned
+        start = time.perf_counter()
+        with atomic_directory(paths.shards) as out:
+            manifests = {split: tokenize_split(tokenizer, corpus, split, out / split, cfg) for split in SPLITS}
+        seconds = time.perf_counter() - start
+    except (ConfigError, CorpusError, ShardError, TokenizerError) as err:
+        raise SystemExit(f"error: {err}") from None
+    total_bytes = sum(m["num_bytes"] for m in manifests.values())
+    total_tokens = sum(m["num_tokens"] for m in manifests.values())
+    metrics = {
+        split: {k: m[k] for k in ("num_tokens", "num_documents", "num_bytes")} | {"shards": len(m["shards"])}
+        for split, m in manifests.items()
+    }
+    # throughput varies run to run, so this file's hash in dvc.lock does too (the shards' hashes do not)
+    metrics["throughput"] = {
+        "seconds": round(seconds, 3),
+        "mb_per_second": round(total_bytes / 1e6 / max(seconds, 1e-9), 3),
+        "tokens_per_second": round(total_tokens / max(seconds, 1e-9)),
+        "threads": cfg.num_threads if cfg.num_threads > 0 else os.cpu_count(),
+    }
+    write_json_atomic(paths.metrics / "tokenize.json", metrics)
+    print(
+        f"tokenize: {total_tokens} tokens ({total_bytes / 1e6:.2f} MB) in {seconds:.2f}s = "
+        f"{metrics['throughput']['mb_per_second']:.2f} MB/s -> {paths.shards}"
+    )
+
+
+if __name__ == "__main__":
+    main()
