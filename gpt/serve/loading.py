@@ -10,6 +10,7 @@ sentencepiece model). Every error names the missing file.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -39,11 +40,11 @@ class HFTokenizer:
         self._tok = HFTok.from_file(str(path))
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         config = _read_json(self.path.parent / "tokenizer_config.json") or {}
+        # like transformers' split_special_tokens: "<s>" typed in a prompt is text, not the control token
+        self._tok.encode_special_tokens = bool(config.get("split_special_tokens", False))
         self.bos_id = self._special_id(config.get("bos_token"), ["<|endoftext|>", "<s>"])
         self.eos_id = self._special_id(config.get("eos_token"), ["<|endoftext|>", "</s>"])
-        self.pad_id = -1
-        import hashlib
-
+        self.pad_id = self._special_id(config.get("pad_token"), [])
         self.sha256 = hashlib.sha256(self.path.read_bytes()).hexdigest()
 
     def _special_id(self, token: Any, fallbacks: list[str]) -> int:

@@ -1,0 +1,314 @@
+"""Hugging Face interchange: `export_hf` writes a directory that `transformers` loads offline with
+`AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained`; `import_hf` turns a local GPT-2-format
+directory into one of our model directories (for `gpt generate`/`serve`/`info`).
+
+Weights go through gpt.hf (A's GPT-2 state-dict conversion); this module adds the files around them.
+
+The tokenizer: our sentencepiece BPE model becomes a `tokenizers` BPE with byte fallback in `tokenizer.json`,
+built here from the model file itself. SentencePiece's `.model` is a protobuf; we read the few fields we need
+(pieces with score and type, normalizer flags, byte_fallback) with a small wire-format reader rather than adding
+protobuf as a dependency. The pipeline mirrors what SentencePiece does when encoding:
+  normalize: (charsmap) → (strip/squeeze spaces) → " " → "▁" → dummy "▁" prefix
+  model:     BPE whose merges are ranked by the merged piece's score (SentencePiece BPE merges the pair whose
+             result scores highest), byte fallback to <0xNN> pieces for characters outside the vocabulary
+  specials:  user-defined pieces (e.g. <|user|>) are isolated and never merged; <s> </s> <pad> are special.
+tests/test_export.py checks ids equal ours on non-ASCII, byte-fallback, whitespace and special-token strings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+
+class ExportError(ValueError):
+    """Export/import is not possible (wrong architecture, missing or pickled files); names the file or value."""
+
+
+# ---------------------------------------------------------------- sentencepiece model file → tokenizer.json
+@dataclass
+class SpmModel:
+    pieces: list[tuple[str, float, int]] = field(default_factory=list)  # (piece, score, type)
+    model_type: int = 1  # 1 unigram, 2 bpe
+    byte_fallback: bool = False
+    unk_id: int = 0
+    add_dummy_prefix: bool = True
+    remove_extra_whitespaces: bool = True
+    escape_whitespaces: bool = True
+    precompiled_charsmap: bytes = b""
+
+
+def _fields(buf: bytes):
+    """Yield (field_number, value) of one protobuf message; length-delimited values as bytes."""
+    pos = 0
+
+    def varint() -> int:
+        nonlocal pos
+        result = shift = 0
+        while True:
+            byte = buf[pos]
+            pos += 1
+            result |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                return result
+
+    while pos < len(buf):
+        key = varint()
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            yield number, varint()
+        elif wire == 1:
+            yield number, buf[pos:pos + 8]
+            pos += 8
+        elif wire == 2:
+            length = varint()
+            yield number, buf[pos:pos + length]
+            pos += length
+        elif wire == 5:
+            yield number, buf[pos:pos + 4]
+            pos += 4
+        else:
+            raise ExportError(f"not a sentencepiece model (protobuf wire type {wire})")
+
+
+def read_spm_model(model_bytes: bytes) -> SpmModel:
+    """The fields of sentencepiece's ModelProto that a converter needs (field numbers: sentencepiece_model.proto)."""
+    spm = SpmModel()
+    for number, value in _fields(model_bytes):
+        if number == 1:  # SentencePiece piece = 1 {piece = 1, score = 2, type = 3}
+            piece, score, kind = "", 0.0, NORMAL
+            for n, v in _fields(value):
+                if n == 1:
+                    piece = v.decode("utf-8")
+                elif n == 2:
+                    score = struct.unpack("<f", v)[0]
+                elif n == 3:
+                    kind = v
+            spm.pieces.append((piece, score, kind))
+        elif number == 2:  # TrainerSpec: model_type = 3, unk_id = 40, byte_fallback = 35
+            for n, v in _fields(value):
+                if n == 3:
+                    spm.model_type = v
+                elif n == 35:
+                    spm.byte_fallback = bool(v)
+                elif n == 40:
+                    spm.unk_id = v
+        elif number == 3:  # NormalizerSpec: charsmap = 2, add_dummy_prefix = 3, remove_extra_ws = 4, escape_ws = 5
+            for n, v in _fields(value):
+                if n == 2:
+                    spm.precompiled_charsmap = v
+                elif n == 3:
+                    spm.add_dummy_prefix = bool(v)
+                elif n == 4:
+                    spm.remove_extra_whitespaces = bool(v)
+                elif n == 5:
+                    spm.escape_whitespaces = bool(v)
+    if not spm.pieces:
+        raise ExportError("not a sentencepiece model (no pieces)")
+    return spm
+
+
+def _bpe_merges(spm: SpmModel) -> list[tuple[str, str]]:
+    """Every split of a normal piece into two normal pieces, best-scoring merged piece first."""
+    normal = {p: (score, i) for i, (p, score, kind) in enumerate(spm.pieces) if kind == NORMAL}
+    ranked = []
+    for piece, (score, i) in normal.items():
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in normal and right in normal:
+                ranked.append((-score, i, left, right))
+    return [(left, right) for _, _, left, right in sorted(ranked)]
+
+
+def build_hf_tokenizer(model_bytes: bytes) -> Any:
+    """A `tokenizers.Tokenizer` that encodes and decodes like the sentencepiece model in `model_bytes`."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+    from tokenizers.models import BPE, Unigram
+
+    spm = read_spm_model(model_bytes)
+    unk = spm.pieces[spm.unk_id][0]
+    user_defined = [p for p, _, kind in spm.pieces if kind == USER_DEFINED]
+    if spm.model_type == 2:
+        vocab = {p: i for i, (p, _, _) in enumerate(spm.pieces)}
+        model = BPE(vocab=vocab, merges=_bpe_merges(spm), unk_token=unk, fuse_unk=True,
+                    byte_fallback=spm.byte_fallback, ignore_merges=bool(user_defined))
+    elif spm.model_type == 1:
+        model = Unigram([(p, s) for p, s, _ in spm.pieces], unk_id=spm.unk_id, byte_fallback=spm.byte_fallback)
+    else:
+        raise ExportError(f"sentencepiece model type {spm.model_type} is not supported (only BPE and unigram)")
+    tok = Tokenizer(model)
+    norms: list[Any] = []
+    if spm.precompiled_charsmap:
+        norms.append(normalizers.Precompiled(spm.precompiled_charsmap))
+    if spm.remove_extra_whitespaces:  # sentencepiece squeezes and strips spaces only, not other whitespace
+        norms += [normalizers.Replace(Regex(r"\A +| +\z"), ""), normalizers.Replace(Regex(" {2,}"), " ")]
+    if spm.escape_whitespaces:
+        norms.append(normalizers.Replace(" ", "▁"))
+    if spm.add_dummy_prefix:  # Metaspace skips its prefix when the text already starts with "▁"; spm doesn't
+        norms.append(normalizers.Replace(Regex(r"\A▁"), "▁▁"))
+    tok.normalizer = normalizers.Sequence(norms)
+    pre: list[Any] = []
+    if spm.add_dummy_prefix:
+        pre.append(pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=False))
+    if user_defined:  # spm matches user-defined pieces whole, before and instead of any merge
+        pattern = "|".join(re.escape(p) for p in sorted(user_defined, key=len, reverse=True))
+        pre.append(pre_tokenizers.Split(Regex(pattern), behavior="isolated"))
+    if pre:
+        tok.pre_tokenizer = pre_tokenizers.Sequence(pre)
+    decs: list[Any] = [decoders.Replace("▁", " ")]
+    if spm.byte_fallback:
+        decs.append(decoders.ByteFallback())
+    decs.append(decoders.Fuse())
+    if spm.add_dummy_prefix:
+        decs.append(decoders.Strip(content=" ", left=1, right=0))
+    tok.decoder = decoders.Sequence(decs)
+    tok.add_special_tokens([AddedToken(p, special=True, normalized=False)
+                            for p, _, kind in spm.pieces if kind == CONTROL])
+    return tok
+
+
+def _special_tokens(spm_tokenizer: Any) -> dict[str, str]:
+    names = {}
+    for key, attr in (("bos_token", "bos_id"), ("eos_token", "eos_id"), ("unk_token", "unk_id"),
+                      ("pad_token", "pad_id")):
+        i = getattr(spm_tokenizer, attr, -1)
+        if isinstance(i, int) and i >= 0:
+            names[key] = spm_tokenizer.id_to_piece(i)
+    return names
+
+
+# ---------------------------------------------------------------- directories
+def _fill_atomically(out: Path, fill) -> Path:
+    out = Path(out)
+    if out.exists():
+        raise ExportError(f"output directory already exists: {out} (choose a new --out)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        fill(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def export_hf(src: str | Path, out: str | Path) -> Path:
+    """Write `out`: config.json + model.safetensors (GPT2LMHeadModel) + tokenizer.json and its configs."""
+    from transformers import PreTrainedTokenizerFast
+
+    from gpt.checkpoint import load_model
+    from gpt.hf import check_gpt2_compatible, to_hf_gpt2
+    from gpt.serve.loading import check_model_dir, quantization_info
+    from gpt.tokenizer import Tokenizer
+
+    src = check_model_dir(src)
+    if quantization_info(src) is not None:
+        raise ExportError(f"{src} is a quantized copy; export the fp32 model directory instead")
+    if not (src / "tokenizer.model").is_file():
+        raise ExportError(f"missing {src / 'tokenizer.model'} (the sentencepiece model to convert)")
+    spm_tok = Tokenizer.load(src / "tokenizer.model")
+    model = load_model(src)
+    try:
+        check_gpt2_compatible(model.config)
+    except ValueError as err:
+        raise ExportError(f"{src}: cannot export as GPT-2: {err}") from None
+    hf_model = to_hf_gpt2(model, bos_token_id=spm_tok.bos_id, eos_token_id=spm_tok.eos_id)
+    fast = PreTrainedTokenizerFast(tokenizer_object=build_hf_tokenizer(spm_tok.model_bytes),
+                                   model_max_length=model.config.max_seq_len, split_special_tokens=True,
+                                   **_special_tokens(spm_tok))
+
+    def fill(tmp: Path) -> None:
+        hf_model.save_pretrained(tmp)
+        fast.save_pretrained(tmp)
+        if (src / "lineage.json").is_file():
+            shutil.copy2(src / "lineage.json", tmp / "lineage.json")
+
+    return _fill_atomically(Path(out), fill)
+
+
+def _read_hf_state(src: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    index = src / "model.safetensors.index.json"
+    if (src / "model.safetensors").is_file():
+        files = [src / "model.safetensors"]
+    elif index.is_file():
+        files = sorted({src / f for f in json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()})
+    elif any(src.glob("*.bin")) or any(src.glob("*.pt")):
+        raise ExportError(f"{src} has only pickled weights (*.bin/*.pt); we never unpickle. Convert them to "
+                          "model.safetensors first (transformers: save_pretrained(..., safe_serialization=True))")
+    else:
+        raise ExportError(f"missing {src / 'model.safetensors'}")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    # checkpoints saved from GPT2Model (like the original `gpt2`) lack the "transformer." prefix
+    return {k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}": v.float()
+            for k, v in state.items()}
+
+
+def _copy_hf_tokenizer(src: Path, dst: Path) -> None:
+    """Keep a sentencepiece model if there is one; else tokenizer.json; else build it from vocab.json+merges.txt."""
+    if (src / "tokenizer.model").is_file():
+        shutil.copy2(src / "tokenizer.model", dst / "tokenizer.model")
+        return
+    if (src / "tokenizer.json").is_file():
+        shutil.copy2(src / "tokenizer.json", dst / "tokenizer.json")
+    elif (src / "vocab.json").is_file() and (src / "merges.txt").is_file():
+        from tokenizers import Tokenizer, decoders, pre_tokenizers
+        from tokenizers.models import BPE
+
+        tok = Tokenizer(BPE.from_file(str(src / "vocab.json"), str(src / "merges.txt")))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.save(str(dst / "tokenizer.json"))
+    else:
+        raise ExportError(f"no tokenizer in {src} (tokenizer.model, tokenizer.json or vocab.json + merges.txt)")
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+
+
+def import_hf(src: str | Path, out: str | Path) -> Path:
+    """A local Hugging Face GPT-2 directory → our model directory (weights, config, tokenizer, lineage)."""
+    from transformers import GPT2Config
+
+    from gpt.checkpoint import save_model
+    from gpt.hf import from_hf_gpt2_state_dict, gpt2_config_from_hf
+    from gpt.model import DecoderOnlyTransformer
+
+    src = Path(src)
+    if not (src / "config.json").is_file():
+        raise ExportError(f"missing {src / 'config.json'} (is {src} a Hugging Face model directory?)")
+    raw = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    if raw.get("model_type") != "gpt2":
+        raise ExportError(f"{src / 'config.json'}: model_type {raw.get('model_type')!r}; only 'gpt2' is supported")
+    config = gpt2_config_from_hf(GPT2Config.from_dict(raw)).replace(dropout=0.0)
+    state = _read_hf_state(src)
+    try:
+        ours = from_hf_gpt2_state_dict(state, config)
+    except KeyError as err:
+        raise ExportError(f"{src}: weights lack tensor {err} for a {config.n_layers}-layer GPT-2") from None
+    model = DecoderOnlyTransformer(config)
+    model.load_state_dict(ours, strict=not config.tie_embeddings)
+
+    def fill(tmp: Path) -> None:
+        save_model(model.eval(), tmp, metadata={"imported_from": str(src.resolve()), "format": "hf-gpt2"})
+        _copy_hf_tokenizer(src, tmp)
+        lineage = {"imported_from": str(src.resolve()), "format": "hf-gpt2"}
+        (tmp / "lineage.json").write_text(json.dumps(lineage, indent=2) + "\n", encoding="utf-8")
+
+    return _fill_atomically(Path(out), fill)
