@@ -93,6 +93,11 @@ class MarianTranslator:
         self.model = cfg.model
         self.version = f"{_fingerprint(cfg.model)}:beams={cfg.num_beams}:max={self.max_tokens}"
 
+    def _max_new_tokens(self, input_tokens: int) -> int:
+        """Room for a translation ~1.5x the input, within the decoder's position limit."""
+        limit = getattr(self.net.config, "max_position_embeddings", None) or 1_000_000
+        return max(1, min(int(input_tokens * 1.5) + 10, limit - 1))
+
     def _length(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=True)["input_ids"])
 
@@ -146,7 +151,7 @@ class MarianTranslator:
             try:
                 with self.torch.inference_mode():
                     gen = self.net.generate(**enc, num_beams=self.cfg.num_beams,
-                                            max_new_tokens=int(enc["input_ids"].shape[1] * 1.5) + 10)
+                                            max_new_tokens=self._max_new_tokens(enc["input_ids"].shape[1]))
             except RuntimeError as err:  # e.g. CUDA out of memory on a huge batch
                 raise TranslationError("model_error", str(err)[:200]) from err
             for i, text in zip(chunk, self.tokenizer.batch_decode(gen, skip_special_tokens=True)):
