@@ -21,7 +21,7 @@ def main() -> None:
         paths = load_paths()
         cfg = load_section("tokenize", TokenizeConfig)
         tokenizer = Tokenizer.load(paths.tokenizer)
-        corpus = paths.cleaned
+        corpus = paths.augmented  # the augment stage's output (issue 5; C)
         start = time.perf_counter()
         with atomic_directory(paths.shards) as out:
             manifests = {split: tokenize_split(tokenizer, corpus, split, out / split, cfg) for split in SPLITS}

@@ -23,7 +23,7 @@ def main() -> None:
     try:
         paths = load_paths()
         cfg = load_section("tokenizer", TokenizerConfig)
-        corpus = paths.cleaned
+        corpus = paths.augmented  # the augment stage's output (issue 5; C)
         start = time.perf_counter()
         sentences = training_sentences(corpus, cfg)
         with atomic_directory(paths.tokenizer) as out:
