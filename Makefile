@@ -8,6 +8,8 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch" || echo "torch==2.13.0")
 EXTRAS ?= pipeline,serve,dev
 export DVC_NO_ANALYTICS := 1
+# dvc.yaml runs `python -m stages.<name>`: the venv's python must be the one on PATH
+export PATH := $(abspath $(BIN)):$(PATH)
 # glibc otherwise returns large tensors to the OS and page-faults them back every step (see bench/README.md)
 export MALLOC_MMAP_THRESHOLD_ := 4294967296
 export MALLOC_TRIM_THRESHOLD_ := 68719476736
