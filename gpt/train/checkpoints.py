@@ -1,7 +1,8 @@
 """Training checkpoints: everything needed to continue a run exactly, written atomically, without pickle.
 
 One checkpoint is a directory `step-NNNNNN/`:
-  model.safetensors      weights (safetensors.torch.save_model: tied weights stored once)
+  model.safetensors      weights, tied weights stored once  } written by gpt.checkpoint.save_model, so a
+  config.json            the model config                   } checkpoint also loads with gpt.checkpoint.load_model
   optimizer.safetensors  every optimizer state tensor, flattened to `state.<param index>.<name>`
   rng.safetensors        torch CPU (and CUDA) generator states as uint8 tensors
   state.json             step, data position, schedule, optimizer hyper-parameters, scaler, python/numpy RNG,
@@ -85,6 +86,27 @@ def rng_from_flat(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Non
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
+def _save_weights(model: nn.Module, directory: Path) -> None:
+    if hasattr(model, "config") and hasattr(model.config, "to_dict"):
+        from gpt.checkpoint import save_model  # the project's model format (weights + config.json)
+
+        save_model(model, directory)
+    else:  # any other nn.Module (tests): plain safetensors, shared tensors once
+        safetensors.torch.save_model(model, str(directory / "model.safetensors"))
+
+
+def _load_weights(model: nn.Module, path: Path) -> None:
+    """Load weights in place; keys absent from the file must be aliases of loaded tensors (tied weights)."""
+    state = safetensors.torch.load_file(str(path))
+    live = model.state_dict()
+    unexpected = sorted(set(state) - set(live))
+    loaded_ptrs = {live[k].data_ptr() for k in state if k in live}
+    missing = sorted(k for k in set(live) - set(state) if live[k].data_ptr() not in loaded_ptrs)
+    if missing or unexpected:
+        raise ResumeError(f"{path}: weights don't match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    model.load_state_dict(state, strict=False)
+
+
 def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
@@ -118,20 +140,17 @@ class CheckpointManager:
         except (OSError, json.JSONDecodeError) as err:
             raise ResumeError(f"checkpoint {path}: unreadable state.json ({err})") from err
 
-    def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
-             model_config: dict[str, Any] | None = None) -> Path:
+    def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> Path:
         """Write checkpoint `step-<state['step']>` atomically, then prune old ones. Returns its path."""
         self.directory.mkdir(parents=True, exist_ok=True)
         final = self.directory / f"step-{state['step']:06d}"
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=self.directory))
         try:
-            safetensors.torch.save_model(model, str(tmp / "model.safetensors"))
+            _save_weights(model, tmp)
             opt_tensors, opt_meta = optimizer_to_flat(optimizer)
             safetensors.torch.save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
             rng_tensors, rng_meta = rng_to_flat()
             safetensors.torch.save_file(rng_tensors, str(tmp / "rng.safetensors"))
-            if model_config is not None:
-                _write_json(tmp / "config.json", model_config)
             _write_json(tmp / "state.json", {**state, "optimizer": opt_meta, "rng": rng_meta})
             if final.exists():  # re-saving a step (e.g. after resuming at the very end): swap, then drop the old one
                 trash = self.directory / f".old-{final.name}-{os.getpid()}"
@@ -150,10 +169,7 @@ class CheckpointManager:
              restore_rng: bool = True) -> dict[str, Any]:
         """Load weights (and optimizer, RNG) from checkpoint `path` into live objects; returns its state.json."""
         state = self.read_state(path)
-        missing, unexpected = safetensors.torch.load_model(model, str(path / "model.safetensors"), strict=False)
-        if missing or unexpected:
-            raise ResumeError(f"checkpoint {path}: weights don't match the model (missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]})")
+        _load_weights(model, path / "model.safetensors")
         if optimizer is not None:
             tensors = safetensors.torch.load_file(str(path / "optimizer.safetensors"))
             optimizer.load_state_dict(optimizer_from_flat(tensors, state["optimizer"]))

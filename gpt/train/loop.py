@@ -190,7 +190,7 @@ def _save_checkpoint(run: Run, manager: CheckpointManager, step: int, tokens: in
         "fingerprint": fingerprint(identity),
         "lineage": identity["lineage"],
     }
-    return manager.save(run.model, run.optimizer, state, model_config=model_config)
+    return manager.save(run.model, run.optimizer, state)
 
 
 def _restore(run: Run, manager: CheckpointManager, path: Path) -> dict[str, Any]:

@@ -1,0 +1,77 @@
+"""`evaluate` stage: the trained model on the validation shards → metrics/eval.json + metrics/samples.md.
+
+Metrics: mean loss, perplexity, bits-per-byte (and the unigram baseline's, from train-split token frequencies),
+token accuracy, decode throughput. Samples: params `evaluate.prompts`, fixed seed, so `git diff` shows changes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from gpt.checkpoint import load_model
+from gpt.config import load_paths, load_section
+from gpt.data.shards import TokenShards
+from gpt.eval import (EvalConfig, bits_per_byte, generate_samples, samples_markdown, score_windows,
+                      unigram_log_probs, unigram_nats)
+from gpt.tokenizer import Tokenizer
+from gpt.train.device import resolve_precision, select_device
+from gpt.train.export import read_lineage
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    paths = load_paths()
+    cfg = load_section("evaluate", EvalConfig)
+    device = select_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    tokenizer = Tokenizer.load(paths.model)  # the copy beside the weights: the pair that was trained together
+    model = load_model(paths.model, device=device)
+    lineage = read_lineage(paths.model)
+    val = TokenShards(paths.shards / "val", tokenizer_sha256=tokenizer.sha256, vocab_size=tokenizer.vocab_size)
+    train = TokenShards(paths.shards / "train", tokenizer_sha256=tokenizer.sha256, vocab_size=tokenizer.vocab_size)
+    seq_len = min(cfg.seq_len or model.config.max_seq_len, model.config.max_seq_len)
+    autocast = torch.bfloat16 if precision == "bf16" else None
+    stats = score_windows(model, val.iter_windows(seq_len, cfg.max_windows), model.config.vocab_size,
+                          cfg.batch_size, device, autocast)
+    base_nats = unigram_nats(unigram_log_probs(train, model.config.vocab_size), stats.target_counts)
+    samples, decode_tok_s = generate_samples(model, tokenizer, cfg.prompts, cfg, device)
+    bpb = bits_per_byte(stats.nats, stats.tokens, val.num_tokens, val.num_bytes)
+    unigram_bpb = bits_per_byte(base_nats, stats.tokens, val.num_tokens, val.num_bytes)
+    metrics = {
+        "val_loss": stats.mean_loss,
+        "perplexity": math.exp(stats.mean_loss),
+        "bits_per_byte": bpb,
+        "unigram_bits_per_byte": unigram_bpb,
+        "bpb_vs_unigram": bpb / unigram_bpb,
+        "token_accuracy": stats.correct / stats.tokens,
+        "tokens_scored": stats.tokens,
+        "windows": stats.windows,
+        "seq_len": seq_len,
+        "decode_tokens_per_s": decode_tok_s,
+        "model_step": lineage.get("step"),
+        "parameters": model.num_parameters(),
+    }
+    write_text_atomic(paths.metrics / "eval.json", json.dumps(metrics, indent=2) + "\n")
+    header = f"step {lineage.get('step')}, val bits-per-byte {bpb:.3f} (unigram {unigram_bpb:.3f})"
+    write_text_atomic(paths.metrics / "samples.md", samples_markdown(samples, cfg, header))
+    logging.info("evaluate: loss %.4f, ppl %.2f, %.3f bits/byte (unigram %.3f), accuracy %.3f, decode %.0f tok/s",
+                 stats.mean_loss, metrics["perplexity"], bpb, unigram_bpb, metrics["token_accuracy"], decode_tok_s)
+
+
+if __name__ == "__main__":
+    main()

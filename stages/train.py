@@ -1,0 +1,70 @@
+"""`train` stage: params (model, train) + tokenizer + shards → checkpoints, the trained model, training curves.
+
+    python -m stages.train                              # one process (CPU or one GPU)
+    torchrun --nproc_per_node=2 -m stages.train         # DDP: gloo on CPU, NCCL on GPUs
+
+Re-running after an interruption resumes from the latest checkpoint in paths.checkpoints (see gpt/train/loop.py).
+Outputs: paths.checkpoints/step-NNNNNN/, paths.model/ (what evaluate, the CLI and the server load),
+paths.metrics/train/ (DVCLive curves + metrics.json).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from gpt.config import ConfigError, PathsConfig, load_params, load_paths, load_section
+from gpt.data.shards import TokenShards
+from gpt.model import DecoderOnlyTransformer, ModelConfig, model_config_from_params
+from gpt.tokenizer import MODEL_FILE, Tokenizer
+from gpt.train.config import TrainConfig
+from gpt.train.device import seed_everything
+from gpt.train.distributed import shutdown
+from gpt.train.export import export_model
+from gpt.train.loop import train
+
+
+def resolve_model_config(model_section: dict | None, tokenizer: Tokenizer, cfg: TrainConfig) -> ModelConfig:
+    """The model config for this tokenizer; vocab_size null = the tokenizer's, smaller is an error."""
+    config = model_config_from_params(model_section, tokenizer.vocab_size)
+    if config.vocab_size < tokenizer.vocab_size:  # model_config_from_params checks too; keep the promise here
+        raise ConfigError(f"model.vocab_size: {config.vocab_size} < tokenizer vocab {tokenizer.vocab_size}")
+    if cfg.seq_len > config.max_seq_len:
+        raise ConfigError(f"train.seq_len: {cfg.seq_len} exceeds model.max_seq_len {config.max_seq_len}")
+    return config
+
+
+def load_data(paths: PathsConfig, tokenizer: Tokenizer) -> tuple[TokenShards, TokenShards]:
+    return tuple(TokenShards(paths.shards / split, tokenizer_sha256=tokenizer.sha256,
+                             vocab_size=tokenizer.vocab_size) for split in ("train", "val"))
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    paths = load_paths()
+    cfg = load_section("train", TrainConfig)
+    params = load_params()
+    tokenizer = Tokenizer.load(paths.tokenizer)
+    model_config = resolve_model_config(params.get("model"), tokenizer, cfg)
+    train_data, val_data = load_data(paths, tokenizer)
+    lineage = {"tokenizer_sha256": tokenizer.sha256, "train_manifest_sha256": train_data.manifest_sha256,
+               "val_manifest_sha256": val_data.manifest_sha256}
+    seed_everything(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+    model = DecoderOnlyTransformer(model_config)
+    result, run = train(model, cfg, train_data, val_data, paths.checkpoints, model_config.to_dict(), lineage,
+                        live_dir=paths.metrics / "train")
+    try:
+        if run.info.is_main:
+            export_model(run.model.float(), paths.model, Path(paths.tokenizer) / MODEL_FILE, {
+                **lineage, "step": result.step, "val_loss": result.val_loss, "tokens_seen": result.tokens_seen,
+                "checkpoint": result.last_checkpoint, "best_checkpoint": result.best_checkpoint,
+                "params": {"model": model_config.to_dict(), "train": params.get("train")},
+            })
+            logging.info("train: step %d, val loss %.4f, %.0f tok/s, MFU %.1f%% → %s", result.step,
+                         result.val_loss, result.tokens_per_second, 100 * result.mfu, paths.model)
+    finally:
+        shutdown(run.info)
+
+
+if __name__ == "__main__":
+    main()
