@@ -8,6 +8,7 @@ id (so adding documents never moves old ones between train and val), and write t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import platform
 from collections import Counter
@@ -82,12 +83,17 @@ def assign_split(doc_id: str, cfg: SplitConfig) -> str:
     return "val" if int.from_bytes(digest[:8], "big") < cfg.val_fraction * 2**64 else "train"
 
 
+@functools.cache
+def _langid_model():
+    from langid.langid import LanguageIdentifier, model
+
+    return LanguageIdentifier.from_modelstring(model, norm_probs=True)  # ~2 s to unpack: once per process
+
+
 class _LanguageId:
     def __init__(self, cfg: LangIdConfig) -> None:
-        from langid.langid import LanguageIdentifier, model
-
         self.cfg = cfg
-        self.identifier = LanguageIdentifier.from_modelstring(model, norm_probs=True)
+        self.identifier = _langid_model()
 
     def classify(self, text: str) -> tuple[str, bool]:
         """(language, keep?)"""

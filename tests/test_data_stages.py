@@ -1,0 +1,61 @@
+"""The prepare → tokenizer → tokenize stage scripts in a temp project (no DVC): outputs, metrics, clean errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from gpt.data.shards import TokenShards
+from gpt.tokenizer import Tokenizer
+from stages import prepare, tokenize, tokenizer
+
+PARAMS = {
+    # augmented = cleaned: the tokenizer/tokenize stages read paths.augmented; here without the augment stage
+    "paths": {"raw": "data/raw", "cleaned": "data/cleaned", "augmented": "data/cleaned", "tokenizer": "data/tokenizer",
+              "shards": "data/shards", "metrics": "metrics"},
+    "prepare": {"sources": [{"kind": "builtin", "max_documents": 40}, {"kind": "files"}],
+                "split": {"val_fraction": 0.2}},
+    "tokenizer": {"vocab_size": 600},
+    "tokenize": {"shard_tokens": 4096},
+}
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data/raw").mkdir(parents=True)
+    (tmp_path / "data/raw/mine.txt").write_text("My own notes about tokenizers and shards. " * 20)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    return tmp_path
+
+
+def test_stages_in_order(project, capsys):
+    prepare.main()
+    tokenizer.main()
+    tokenize.main()
+    metrics = {name: json.loads((project / f"metrics/{name}.json").read_text()) for name in
+               ("prepare", "tokenizer", "tokenize")}
+    assert metrics["prepare"]["documents_by_source"]["file"] == 1
+    tok = Tokenizer.load(project / "data/tokenizer")
+    assert metrics["tokenizer"]["vocab_size"] == tok.vocab_size == 600
+    assert metrics["tokenizer"]["val"]["byte_fallback_rate"] < 0.05
+    for split in ("train", "val"):
+        shards = TokenShards(project / "data/shards" / split, tokenizer_sha256=tok.sha256, vocab_size=600)
+        assert shards.num_tokens == metrics["tokenize"][split]["num_tokens"] > 0
+        assert shards.num_bytes == metrics["prepare"]["splits"][split]["bytes"]
+    assert metrics["tokenize"]["throughput"]["mb_per_second"] > 0
+    assert [p.name for p in (project / "data").iterdir() if p.name.startswith(".")] == []  # no temp dirs left
+
+
+def test_stage_errors_are_one_line_messages(project):
+    params = dict(PARAMS, prepare={"sources": [{"kind": "files"}], "clean": {"min_chars": 10_000}})
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(SystemExit, match="error: prepare: no documents left"):
+        prepare.main()
+    (project / "params.yaml").write_text(yaml.safe_dump(dict(PARAMS, tokenizer={"vocab_sise": 600})))
+    with pytest.raises(SystemExit, match="error: tokenizer: unknown key"):
+        tokenizer.main()
+    with pytest.raises(SystemExit, match="error: .*not found"):
+        tokenize.main()
