@@ -9,6 +9,12 @@ is installed). Measured facts this module relies on (Apertium 3.8.3, eng-spa 0.8
   `SEPARATOR` (an unknown word, copied unchanged). The output is split on it again; if the count of pieces does not
   match, the batch is retried one document per call, so a separator that got mangled never shifts documents.
 - NUL bytes are dropped by the txt formatter (so `-z` null-flush mode cannot delimit documents); we strip them.
+- Batching is not perfectly neutral: apertium's tagger adapts to the text it has already seen in the same process
+  (not reset by sentence ends, the separator or `-z` flushes), so some words of a document may be translated
+  differently depending on the documents before it in the call (measured: 22 of 60 pydoc topics differed in at
+  least one word between batched and one-per-call). Batches are formed deterministically, so a run from the same
+  cache state gives the same output; `augment.batch_size: 1` makes each translation depend only on its document
+  (identical to a plain `apertium -u` call) at ~6x the cost (bench/README.md).
 Leading/trailing whitespace of each document is kept outside the call and re-attached, so texts round-trip
 their layout exactly.
 """
