@@ -1,0 +1,167 @@
+"""End to end: the real `dvc repro` on a copy of the tracked project with shrunk params.
+
+The test copies `git ls-files` into a temp dir, shrinks params (SHRINK), makes a git repo, runs `dvc repro` for
+real, runs each stage's CHECKS on its outputs, checks that a second `dvc repro` runs nothing and `dvc status` is
+clean, and that forcing the deterministic stages again reproduces identical dvc.lock hashes.
+
+Owners of later stages add their stage here: an entry in SHRINK (params overrides, deep-merged into params.yaml)
+and a `@check("<stage>")` function taking (project dir, metrics of that stage, loaded params).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Params overrides per section, so the whole pipeline runs in well under a minute on 2 cores.
+SHRINK: dict[str, dict] = {
+    "prepare": {"sources": [{"kind": "builtin", "max_documents": 80}, {"kind": "files"}], "split": {"val_fraction": 0.15}},
+    "tokenizer": {"vocab_size": 512},
+    "tokenize": {"shard_tokens": 8192},
+}
+# Stages whose outputs must be bit-identical when re-run (their metrics too, except files listed as timed).
+DETERMINISTIC_STAGES = ["prepare", "tokenizer", "tokenize"]
+TIMED_OUTPUTS = {"metrics/tokenize.json"}  # holds throughput
+
+CHECKS: dict[str, Callable[[Path, dict, dict], None]] = {}
+
+
+def check(stage: str):
+    def register(fn):
+        CHECKS[stage] = fn
+        return fn
+
+    return register
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+@check("prepare")
+def _check_prepare(project: Path, metrics: dict, params: dict) -> None:
+    from gpt.data.corpus import count_rows
+
+    assert metrics["documents_out"] == count_rows(project / params["paths"]["cleaned"]) > 0
+    assert metrics["splits"]["train"]["documents"] > 0 and metrics["splits"]["val"]["documents"] > 0
+    assert metrics["documents_in"] == params["prepare"]["sources"][0]["max_documents"]
+
+
+@check("tokenizer")
+def _check_tokenizer(project: Path, metrics: dict, params: dict) -> None:
+    from gpt.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(project / params["paths"]["tokenizer"])
+    assert tok.vocab_size == metrics["vocab_size"] == params["tokenizer"]["vocab_size"]
+    assert metrics["val"]["bytes_per_token"] > 1.5 and metrics["val"]["byte_fallback_rate"] < 0.05
+
+
+@check("tokenize")
+def _check_tokenize(project: Path, metrics: dict, params: dict) -> None:
+    from gpt.data.shards import TokenShards
+    from gpt.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(project / params["paths"]["tokenizer"])
+    for split in ("train", "val"):
+        shards = TokenShards(project / params["paths"]["shards"] / split, tok.sha256, tok.vocab_size)
+        assert shards.num_tokens == metrics[split]["num_tokens"] > 0
+        assert shards.num_documents == metrics[split]["num_documents"]
+
+
+def _env(tmp_path: Path) -> dict:
+    env = dict(os.environ)
+    env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",  # `python` in dvc.yaml = this venv
+        DVC_NO_ANALYTICS="1",
+        DVC_SITE_CACHE_DIR=str(tmp_path / "dvc-site-cache"),
+        GIT_AUTHOR_NAME="e2e", GIT_AUTHOR_EMAIL="e2e@localhost", GIT_COMMITTER_NAME="e2e",
+        GIT_COMMITTER_EMAIL="e2e@localhost",
+    )
+    env.pop("DVCLIVE_TEST", None)
+    return env
+
+
+def _run(args: list[str], cwd: Path, env: dict, timeout: int = 400) -> str:
+    res = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, f"{' '.join(args)} failed:\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
+    return res.stdout + res.stderr
+
+
+def _dvc(*args: str, cwd: Path, env: dict) -> str:
+    return _run([sys.executable, "-m", "dvc", *args], cwd, env)
+
+
+def _copy_tracked_tree(dest: Path) -> None:
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    for rel in filter(None, files.decode().split("\0")):
+        src = ROOT / rel
+        if src.is_file():  # skip files deleted in the working tree
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+
+
+def _out_hashes(project: Path, stages: list[str]) -> dict[str, str]:
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    return {
+        f"{stage}:{out['path']}": out.get("md5") or out.get("hash")
+        for stage in stages
+        for out in lock[stage].get("outs", [])
+        if out["path"] not in TIMED_OUTPUTS
+    }
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> tuple[Path, dict, dict]:
+    tmp = tmp_path_factory.mktemp("e2e")
+    project = tmp / "project"
+    _copy_tracked_tree(project)
+    params = deep_merge(yaml.safe_load((project / "params.yaml").read_text()), SHRINK)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = _env(tmp)
+    _run(["git", "init", "-q"], project, env)
+    _run(["git", "add", "-A"], project, env)
+    _run(["git", "commit", "-qm", "e2e snapshot"], project, env)
+    _dvc("repro", cwd=project, env=env)
+    return project, params, env
+
+
+@pytest.mark.slow
+def test_repro_builds_every_stage(project):
+    project, params, _ = project
+    stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    for name in DETERMINISTIC_STAGES:
+        assert name in stages
+    for name, fn in CHECKS.items():
+        metrics_file = project / params["paths"]["metrics"] / f"{name}.json"
+        fn(project, json.loads(metrics_file.read_text()) if metrics_file.exists() else {}, params)
+
+
+@pytest.mark.slow
+def test_second_repro_does_nothing(project):
+    project, _, env = project
+    out = _dvc("repro", cwd=project, env=env)
+    assert "Running stage" not in out, out
+    assert "up to date" in _dvc("status", cwd=project, env=env)
+
+
+@pytest.mark.slow
+def test_forced_rerun_gives_identical_lock_hashes(project):
+    project, _, env = project
+    before = _out_hashes(project, DETERMINISTIC_STAGES)
+    for stage in DETERMINISTIC_STAGES:
+        _dvc("repro", "--force", "--single-item", stage, cwd=project, env=env)
+    assert _out_hashes(project, DETERMINISTIC_STAGES) == before
+    assert "up to date" in _dvc("status", cwd=project, env=env)  # nothing downstream saw a change
