@@ -88,9 +88,20 @@ class MoE(nn.Module):
 
     def _record(self, probs: torch.Tensor, counts: torch.Tensor, kept_counts: torch.Tensor, n_tokens: int) -> None:
         assignments = n_tokens * self.top_k
-        load = counts.float() / assignments  # f_e: fraction of assignments routed to e (before capacity)
-        self.aux_loss = self.n_experts * (load * probs.mean(dim=0)).sum()
+        load = counts.float() / assignments
+        self.aux_loss = load_balancing_loss(probs, counts)
         self.stats = {
             "load": load.detach(),
             "dropped_frac": (1.0 - kept_counts.sum().float() / assignments).detach(),
         }
+
+
+def load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Switch Transformer's auxiliary loss: n_experts * sum_e f_e * P_e.
+
+    f_e = fraction of (token, expert) assignments that went to expert e (not differentiable),
+    P_e = mean router probability of e over the tokens (differentiable: the gradient pushes probability away
+    from overloaded experts). Equals 1 when both are uniform; n_experts when everything goes to one expert.
+    """
+    load = counts.float() / counts.sum()
+    return probs.shape[-1] * (load * probs.float().mean(dim=0)).sum()
