@@ -49,11 +49,17 @@ def test_shards_equal_per_document_encoding(tmp_path, corpus_and_tokenizer, thre
 
 def test_output_bytes_do_not_depend_on_threads_or_batches(tmp_path, corpus_and_tokenizer):
     corpus, tok = corpus_and_tokenizer
-    for name, cfg in {"a": TokenizeConfig(1024, 1, 1), "b": TokenizeConfig(1024, 50, 2)}.items():
+    configs = {
+        "a": TokenizeConfig(shard_tokens=1024, batch_documents=1, num_threads=1),
+        "b": TokenizeConfig(shard_tokens=1024, batch_documents=50, num_threads=2),
+        "c": TokenizeConfig(shard_tokens=1024, batch_bytes=300, num_threads=2),
+    }
+    for name, cfg in configs.items():
         tokenize_split(tok, corpus, "train", tmp_path / name, cfg)
     files = sorted(p.name for p in (tmp_path / "a").iterdir())
-    assert files == sorted(p.name for p in (tmp_path / "b").iterdir()) and len(files) > 2
-    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+    for other in ("b", "c"):
+        assert files == sorted(p.name for p in (tmp_path / other).iterdir()) and len(files) > 2
+        assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / other / f).read_bytes() for f in files)
 
 
 def test_empty_split_gives_empty_manifest(tmp_path, corpus_and_tokenizer):

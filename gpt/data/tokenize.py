@@ -27,7 +27,11 @@ class TokenizeConfig:
     """params.yaml `tokenize:`."""
 
     shard_tokens: int = 1 << 20  # tokens per shard file (2 MiB as uint16)
-    batch_documents: int = 256  # documents per encode call
+    # One encode call gets up to batch_documents documents or batch_bytes of text, whichever comes first. Big
+    # batches keep all threads busy (one long document at the end of a small batch leaves the others idle);
+    # memory holds two batches.
+    batch_documents: int = 8192
+    batch_bytes: int = 8 << 20
     num_threads: int = -1  # encode threads; -1 = all cores (the result does not depend on it)
 
     def __post_init__(self) -> None:
@@ -35,8 +39,27 @@ class TokenizeConfig:
             raise ConfigError(f"tokenize.shard_tokens: must be >= 1024, got {self.shard_tokens}")
         if self.batch_documents < 1:
             raise ConfigError(f"tokenize.batch_documents: must be >= 1, got {self.batch_documents}")
+        if self.batch_bytes < 1:
+            raise ConfigError(f"tokenize.batch_bytes: must be >= 1, got {self.batch_bytes}")
         if self.num_threads == 0 or self.num_threads < -1:
             raise ConfigError(f"tokenize.num_threads: must be -1 (all cores) or >= 1, got {self.num_threads}")
+
+
+def _text_batches(corpus_dir: Path, split: str, cfg: TokenizeConfig) -> Iterator[tuple[list[str], int]]:
+    """(texts, their UTF-8 bytes) in corpus order, cut at batch_documents / batch_bytes."""
+    texts: list[str] = []
+    size = 0
+    for batch in read_corpus(corpus_dir, split=split, columns=["text"], batch_size=min(cfg.batch_documents, 1024)):
+        column = batch.column("text")
+        lengths = pc.binary_length(column).to_numpy(zero_copy_only=False)
+        for text, length in zip(column.to_pylist(), lengths.tolist()):
+            texts.append(text)
+            size += length
+            if len(texts) >= cfg.batch_documents or size >= cfg.batch_bytes:
+                yield texts, size
+                texts, size = [], 0
+    if texts:
+        yield texts, size
 
 
 def _encoded_batches(
@@ -44,17 +67,14 @@ def _encoded_batches(
 ) -> Iterator[tuple[np.ndarray, int, int]]:
     """(token ids with EOS after each document, UTF-8 bytes, documents) per batch, encoded one batch ahead."""
 
-    def encode(batch) -> tuple[np.ndarray, int, int]:
-        texts = batch.column("text")
-        arrays = tokenizer.encode_batch_numpy(texts.to_pylist(), num_threads=cfg.num_threads, add_eos=True)
-        num_bytes = pc.sum(pc.binary_length(texts)).as_py() or 0
-        return np.concatenate(arrays) if arrays else np.empty(0, np.int32), num_bytes, len(arrays)
+    def encode(texts: list[str], num_bytes: int) -> tuple[np.ndarray, int, int]:
+        arrays = tokenizer.encode_batch_numpy(texts, num_threads=cfg.num_threads, add_eos=True)
+        return np.concatenate(arrays), num_bytes, len(arrays)
 
-    batches = read_corpus(corpus_dir, split=split, columns=["text"], batch_size=cfg.batch_documents)
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = None
-        for batch in batches:
-            future = pool.submit(encode, batch)
+        for texts, num_bytes in _text_batches(corpus_dir, split, cfg):
+            future = pool.submit(encode, texts, num_bytes)
             if pending is not None:
                 yield pending.result()
             pending = future
