@@ -63,6 +63,12 @@ def _add_checkpoint(p: argparse.ArgumentParser) -> None:
                         "default: paths.model from ./params.yaml (data/model)")
 
 
+def _add_threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="CPU threads for torch (default: torch's choice). On a busy machine 1 thread can decode "
+                        "faster, INT8 especially (see bench/README.md)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpt", description="Use a gpt-pipeline model: generate, inspect, serve, "
                                      "quantize, export to / import from Hugging Face.")
@@ -83,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
     gen.add_argument("--no-prompt", action="store_true", help="print only the completion, not the prompt")
     gen.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    _add_threads(gen)
 
     info = sub.add_parser("info", help="describe a model directory",
                           description="Config, parameter count, tokenizer, lineage and size on disk.")
@@ -101,12 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--name", default=None, help="model id to show and accept (default: the directory name)")
     serve.add_argument("--max-prompt-tokens", type=_positive_int, default=d.max_prompt_tokens)
     serve.add_argument("--max-tokens", type=_positive_int, default=d.max_tokens, help="largest max_tokens allowed")
-    serve.add_argument("--default-max-tokens", type=_positive_int, default=d.default_max_tokens)
+    serve.add_argument("--default-max-tokens", type=_positive_int, default=None,
+                       help=f"max_tokens of a request that gives none (default: {d.default_max_tokens}, "
+                            "or --max-tokens if lower)")
     serve.add_argument("--max-n", type=_positive_int, default=d.max_n, help="largest n allowed")
     serve.add_argument("--max-body-bytes", type=_positive_int, default=d.max_body_bytes)
     serve.add_argument("--max-queue", type=_positive_int, default=d.max_queue,
                        help="requests that may wait for the generation worker; more get HTTP 503")
     serve.add_argument("--device", default="cpu")
+    _add_threads(serve)
 
     quant = sub.add_parser("quantize", help="INT8 / bf16 / fp16 copy of a model",
                            description="Write a quantized copy of a model directory (safetensors + "
@@ -231,7 +241,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gpt.serve.loading import load_for_inference
 
     cfg = ServeConfig(host=args.host, port=args.port, max_prompt_tokens=args.max_prompt_tokens,
-                      max_tokens=args.max_tokens, default_max_tokens=args.default_max_tokens, max_n=args.max_n,
+                      max_tokens=args.max_tokens, max_n=args.max_n,
+                      default_max_tokens=args.default_max_tokens or min(args.max_tokens, ServeConfig.default_max_tokens),
                       max_body_bytes=args.max_body_bytes, max_queue=args.max_queue)
     loaded = load_for_inference(args.checkpoint, device=args.device, name=args.name)
     app = create_app(loaded, cfg)
@@ -288,6 +299,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "checkpoint", "unset") is None:
         args.checkpoint = _default_checkpoint()
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         return COMMANDS[args.command](args)
     except UsageError as err:

@@ -130,3 +130,33 @@ def test_console_script_help_and_generate(tiny_model_dir):
     assert done.returncode == 0, done.stderr
     assert done.stdout == greedy_text(tiny_model_dir, PROMPT, 10) + "\n"
     assert "tokens/s" in done.stderr
+
+
+def test_gpt_serve_answers_http(tiny_model_dir):
+    import socket
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "gpt.cli", "serve", "-c", str(tiny_model_dir), "--port",
+                             str(port), "--name", "tiny", "--max-tokens", "32", "--threads", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.time() + 120  # a busy 2-core machine starts slowly
+        while time.time() < deadline:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        body = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": PROMPT, "max_tokens": 10,
+                                                          "temperature": 0}).json()
+        assert PROMPT + body["choices"][0]["text"] == greedy_text(tiny_model_dir, PROMPT, 10)
+        assert httpx.post(url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 33}).status_code == 400
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
