@@ -113,6 +113,18 @@ def test_text_stream_holds_back_partial_stop_strings():
     assert pieces[3:5] == ["", ""]  # "E", "EN" could still become "END"
 
 
+def test_text_stream_holds_back_only_a_possible_partial_character():
+    class ByteTok:  # ids are bytes; invalid UTF-8 decodes to U+FFFD per byte
+        def decode(self, ids):
+            return bytes(ids).decode("utf-8", errors="replace")
+
+    stream = TextStream(ByteTok(), [], ())
+    euro = list("€".encode())  # 3 bytes
+    assert [stream.push([b]) for b in euro] == ["", "", "€"]
+    junk = [stream.push([0xFF]) for _ in range(5)]  # never valid: at most 3 are held back
+    assert "".join(junk) == "\ufffd" * 2 and stream.flush() == "\ufffd" * 3
+
+
 @pytest.mark.parametrize(
     "body, status, param",
     [
@@ -239,7 +251,8 @@ def test_two_simultaneous_requests_are_both_correct(server):
 def test_client_disconnect_stops_generation(server):
     url, app = server
     before = app.state.stats["cancelled"]
-    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 50_000, "temperature": 1.0, "stream": True}
+    # greedy: the tiny model's greedy loop never reaches EOS, so only the disconnect can end it early
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 50_000, "temperature": 0, "stream": True}
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
         for line in r.iter_lines():
             if line.startswith("data: "):

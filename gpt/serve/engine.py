@@ -105,7 +105,8 @@ class TextStream:
             self.stopped = True
             return self._emit(len(self.text))
         safe = len(self.text)
-        while safe > self.emitted and self.text[safe - 1] == REPLACEMENT_CHAR:
+        # an incomplete UTF-8 character is at most 3 bytes, each decoded as U+FFFD until the last one arrives
+        while safe > max(self.emitted, len(self.text) - 3) and self.text[safe - 1] == REPLACEMENT_CHAR:
             safe -= 1
         if self.stop:  # keep back a tail that may be the beginning of a stop string
             longest = max(len(s) for s in self.stop)
