@@ -69,11 +69,7 @@ def _add_threads(p: argparse.ArgumentParser) -> None:
                         "faster, INT8 especially (see bench/README.md)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gpt", description="Use a gpt-pipeline model: generate, inspect, serve, "
-                                     "quantize, export to / import from Hugging Face.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_generate(sub: Any) -> None:
     gen = sub.add_parser("generate", help="stream a completion to the terminal",
                          description="Stream a completion of PROMPT (or --file, or stdin) token by token; "
                                      "tokens/s goes to stderr at the end.")
@@ -91,11 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     _add_threads(gen)
 
+
+def _add_info(sub: Any) -> None:
     info = sub.add_parser("info", help="describe a model directory",
                           description="Config, parameter count, tokenizer, lineage and size on disk.")
     _add_checkpoint(info)
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
 
+
+def _add_serve(sub: Any) -> None:
     serve = sub.add_parser("serve", help="web UI + OpenAI-compatible API",
                            description="Serve the model over HTTP: web UI at /, OpenAI-style /v1/completions "
                                        "and /v1/models, /health. One generation at a time (FIFO queue).")
@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", default="cpu")
     _add_threads(serve)
 
+
+def _add_conversions(sub: Any) -> None:
     quant = sub.add_parser("quantize", help="INT8 / bf16 / fp16 copy of a model",
                            description="Write a quantized copy of a model directory (safetensors + "
                                        "quantization.json; loads in generate/serve/info).")
@@ -139,6 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--from", dest="source_format", required=True, choices=["hf"])
     imp.add_argument("source", type=Path, metavar="DIR", help="the Hugging Face model directory")
     imp.add_argument("--out", "-o", type=Path, required=True, help="output model directory (must not exist)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gpt", description="Use a gpt-pipeline model: generate, inspect, serve, "
+                                     "quantize, export to / import from Hugging Face.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_generate, _add_info, _add_serve, _add_conversions):
+        add(sub)
     return parser
 
 

@@ -138,6 +138,8 @@ def test_text_stream_holds_back_only_a_possible_partial_character():
         ({"prompt": ["a", "b"]}, 400, "prompt"),
         ({"max_tokens": "many"}, 400, "max_tokens"),
         ({"model": "gpt-4"}, 404, "model"),
+        ({"logprobs": 2}, 400, "logprobs"),
+        ({"echo": True}, 400, "echo"),
     ],
 )
 def test_invalid_requests_get_4xx_with_a_message(client, body, status, param):

@@ -64,6 +64,11 @@ class CompletionRequest(BaseModel):
     seed: int | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
+    # OpenAI fields we do not implement: rejected when used rather than silently ignored
+    logprobs: int | None = None
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
 
 
 class BodySizeLimit:
@@ -103,6 +108,11 @@ def _validate(req: CompletionRequest, loaded: LoadedModel, cfg: ServeConfig) -> 
     if req.model not in (None, "", loaded.name):
         raise APIError(404, f"model {req.model!r} not found; this server serves {loaded.name!r}", "model",
                        "model_not_found")
+    for name, unused in (("logprobs", None), ("echo", False), ("suffix", None)):
+        if getattr(req, name) not in (unused, 0, ""):
+            raise APIError(400, f"{name}: not supported by this server", name)
+    if req.best_of not in (None, 1, req.n):
+        raise APIError(400, "best_of: not supported by this server (use n)", "best_of")
     prompt = req.prompt
     if isinstance(prompt, list):
         if len(prompt) != 1:
