@@ -165,3 +165,31 @@ def test_forced_rerun_gives_identical_lock_hashes(project):
         _dvc("repro", "--force", "--single-item", stage, cwd=project, env=env)
     assert _out_hashes(project, DETERMINISTIC_STAGES) == before
     assert "up to date" in _dvc("status", cwd=project, env=env)  # nothing downstream saw a change
+
+
+# ---- C: augment (translation augmentation, apertium en→es; CI installs apertium via `make system-deps`) ----
+SHRINK["augment"] = {"fraction": 0.5}  # ~30 of the ~68 train documents, a few seconds
+DETERMINISTIC_STAGES.insert(DETERMINISTIC_STAGES.index("prepare") + 1, "augment")  # re-run = cache hits = same bytes
+TIMED_OUTPUTS.add("metrics/augment.json")  # holds throughput
+
+
+@check("augment")
+def _check_augment(project: Path, metrics: dict, params: dict) -> None:
+    import pyarrow as pa
+
+    from gpt.data.corpus import read_corpus
+
+    paths = params["paths"]
+    cleaned = pa.Table.from_batches(list(read_corpus(project / paths["cleaned"]))).to_pylist()
+    augmented = pa.Table.from_batches(list(read_corpus(project / paths["augmented"]))).to_pylist()
+    assert [{k: r[k] for k in cleaned[0]} for r in augmented if r["origin_id"] is None] == cleaned
+    train = {r["id"]: r for r in cleaned if r["split"] == "train"}
+    added = [r for r in augmented if r["origin_id"] is not None]
+    assert len(added) == metrics["documents_translated"] > 0 and metrics["documents_failed"] == 0
+    for row in added:  # leakage guard: only train documents, translated rows only in train
+        assert row["split"] == "train" and row["origin_id"] in train and row["mt_backend"] == "apertium"
+        assert row["lang"] == params["augment"]["tgt_lang"] and row["text"] != train[row["origin_id"]]["text"]
+    assert (project / paths["translation_cache"] / "translations.sqlite").is_file()
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    for stage in ("tokenizer", "tokenize"):  # both are built from the augmented corpus
+        assert paths["augmented"] in [dep["path"] for dep in lock[stage]["deps"]]
