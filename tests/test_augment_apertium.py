@@ -119,3 +119,24 @@ def test_stage_end_to_end(tmp_path):
     (tmp_path / "params.yaml").write_text("augment:\n  fraction: 2.0\n")
     bad = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "augment.fraction" in bad.stderr
+
+
+def test_parallel_workers_give_the_same_corpus(tmp_path):
+    """Requests are formed before they are spread over workers, so 1 and 2 workers write identical corpora."""
+    import pyarrow as pa
+
+    from gpt.augment import AugmentConfig, augment_corpus
+    from gpt.data.corpus import CorpusWriter, read_corpus
+
+    rows = [{"id": f"d{i}", "text": f"{DOCS[i % len(DOCS)]}\n\nParagraph {i} is here.", "source": "t", "lang": "en",
+             "split": "train"} for i in range(12)]
+    with CorpusWriter(tmp_path / "cleaned") as writer:
+        writer.write(rows)
+    outputs = []
+    for workers in (1, 2):
+        cfg = AugmentConfig(fraction=1.0, workers=workers, batch_size=3)
+        metrics = augment_corpus(cfg, tmp_path / "cleaned", tmp_path / f"aug{workers}", tmp_path / f"cache{workers}",
+                                 progress=False)
+        assert metrics["backend_requests"] == 4 and metrics["config"]["workers"] == workers
+        outputs.append(pa.Table.from_batches(list(read_corpus(tmp_path / f"aug{workers}"))).to_pylist())
+    assert outputs[0] == outputs[1] and len(outputs[0]) == 24

@@ -37,6 +37,8 @@ class MarianConfig:
     segments_per_batch: int = 16
 
     def __post_init__(self):
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise ConfigError(f"augment.marian.device: {self.device!r}; allowed: auto, cpu, cuda, cuda:N, mps")
         if self.num_beams < 1:
             raise ConfigError(f"augment.marian.num_beams: must be >= 1, got {self.num_beams}")
         if self.max_input_tokens is not None and self.max_input_tokens < 8:

@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -89,6 +90,12 @@ class AugmentConfig:
             raise ConfigError(f"augment.max_failure_fraction: must be in [0, 1], got {self.max_failure_fraction}")
         if self.enabled and self.backend == "marian" and not self.marian.model:
             raise ConfigError("augment.marian.model: required for backend marian (a local model dir or hub name)")
+        if self.backend == "marian" and self.mode == "backtranslate":
+            raise ConfigError("augment.mode: backtranslate needs two directions; the marian backend loads one model "
+                              "(one direction), so use mode: translate")
+        for key in ("src_lang", "tgt_lang"):
+            if not re.fullmatch(r"[A-Za-z_-]{2,12}", getattr(self, key)):
+                raise ConfigError(f"augment.{key}: {getattr(self, key)!r} is not a language code like 'en'")
 
     @property
     def active(self) -> bool:
@@ -118,9 +125,6 @@ def make_translator(cfg: AugmentConfig, src: str, tgt: str) -> Translator:
                               "leave augment.dictionary.path null so freedict-<tgt>-<src> is used")
         return DictionaryTranslator(path)
     if cfg.backend == "marian":
-        if (src, tgt) != (cfg.src_lang, cfg.tgt_lang):
-            raise ConfigError("augment.mode: backtranslate is not supported by the marian backend "
-                              "(one model is one direction); use mode: translate")
         return MarianTranslator(cfg.marian)
     return IdentityTranslator()
 
