@@ -29,7 +29,7 @@ from gpt.checkpoint import save_model
 from gpt.config import load_paths
 from gpt.model import DecoderOnlyTransformer, ModelConfig
 from gpt.quantize import quantize_checkpoint
-from gpt.serve.loading import dir_size_bytes, load_weights
+from gpt.serve.loading import load_weights
 
 VARIANTS = ("fp32", "bf16", "int8")
 
@@ -72,7 +72,7 @@ def bench_model(label: str, src: Path, work: Path, args: argparse.Namespace, val
     rows = []
     for variant, directory in _variant_dirs(src, work).items():
         model = load_weights(directory)
-        row = {"model": label, "variant": variant, "size_mb": dir_size_bytes(directory) / 1e6,
+        row = {"model": label, "variant": variant, "size_mb": (directory / "model.safetensors").stat().st_size / 1e6,
                "tok_s": decode_tokens_per_s(model, args.new_tokens, args.repeats)}
         if val_dir is not None:
             row["ppl"] = perplexity(model, val_dir, min(model.config.max_seq_len, args.seq_len), args.val_windows)
@@ -90,7 +90,7 @@ def _seed_model_dir(work: Path) -> Path:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| model | weights | size on disk (MB) | decode tok/s | × fp32 | val perplexity | Δ ppl vs fp32 |",
+    lines = ["| model | weights | model.safetensors (MB) | decode tok/s | × fp32 | val perplexity | Δ ppl vs fp32 |",
              "|---|---|---:|---:|---:|---:|---:|"]
     base = {r["model"]: r for r in rows if r["variant"] == "fp32"}
     for r in rows:
@@ -116,6 +116,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--val-windows", type=int, default=64)
+    parser.add_argument("--trained", type=Path, default=None, help="trained model dir (default: paths.model)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
@@ -127,13 +128,14 @@ def main() -> None:
         work = Path(tmp)
         if "seed" in args.models:
             rows += bench_model("seed config (random init)", _seed_model_dir(work), work / "seed", args, None)
+        trained = args.trained or paths.model
         if "trained" in args.models:
-            if (paths.model / "model.safetensors").is_file():
+            if (trained / "model.safetensors").is_file():
                 val = paths.shards / "val"
-                rows += bench_model(f"trained ({paths.model})", paths.model, work / "trained", args,
+                rows += bench_model(f"trained ({trained})", trained, work / "trained", args,
                                     val if (val / "manifest.json").is_file() else None)
             else:
-                print(f"skipping the trained model: {paths.model}/model.safetensors not found (run `make repro`)")
+                print(f"skipping the trained model: {trained}/model.safetensors not found (run `make repro`)")
     print()
     print(markdown(rows))
     print()
