@@ -152,3 +152,21 @@ def test_config_dict_round_trip_and_presets_build():
         config = ModelConfig.from_preset(name)
         assert ModelConfig.from_dict(config.to_dict()) == config
     assert ModelConfig.from_preset("gpt2") == ModelConfig()  # issue 7's name for the seed model
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_decode_path_of_linear_equals_f_linear_and_follows_weight_updates(dtype, tol, bias):
+    from gpt.model.linear import Linear
+
+    layer = Linear(64, 48, bias=bias).to(dtype)
+    x = torch.randn(1, 1, 64, dtype=dtype)
+    with torch.no_grad():
+        reference = F.linear(x, layer.weight, layer.bias)
+    with torch.inference_mode():
+        fast = layer(x)
+    torch.testing.assert_close(fast, reference, atol=tol, rtol=tol)
+    with torch.no_grad():
+        layer.weight.mul_(2)  # in-place update: the decode copy must be rebuilt
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=2 * tol, rtol=tol)
+    assert layer(x).requires_grad  # with autograd on, the plain F.linear path is used

@@ -15,6 +15,7 @@ from torch import nn
 
 from gpt.model.cache import KVCache
 from gpt.model.config import ModelConfig
+from gpt.model.linear import Linear
 from gpt.model.norms import RMSNorm
 
 
@@ -25,8 +26,8 @@ class CausalSelfAttention(nn.Module):
         self.n_heads, self.n_kv_heads = config.n_heads, config.kv_heads
         self.head_dim = config.resolved_head_dim
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        self.qkv = nn.Linear(config.d_model, q_dim + 2 * kv_dim, bias=config.bias)  # [q | k | v] along out
-        self.out = nn.Linear(q_dim, config.d_model, bias=config.bias)
+        self.qkv = Linear(config.d_model, q_dim + 2 * kv_dim, bias=config.bias)  # [q | k | v] along out
+        self.out = Linear(q_dim, config.d_model, bias=config.bias)
         # Qwen3: RMSNorm over each head's channels of q and k, before RoPE, keeps attention logits bounded
         self.q_norm = RMSNorm(self.head_dim, config.layer_norm_eps) if config.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.head_dim, config.layer_norm_eps) if config.qk_norm else nn.Identity()

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpt.model.config import ModelConfig
+from gpt.model.linear import Linear
 
 _ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),
@@ -25,8 +26,8 @@ class GeluMLP(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.fc = nn.Linear(config.d_model, config.resolved_d_ff, bias=config.bias)
-        self.proj = nn.Linear(config.resolved_d_ff, config.d_model, bias=config.bias)
+        self.fc = Linear(config.d_model, config.resolved_d_ff, bias=config.bias)
+        self.proj = Linear(config.resolved_d_ff, config.d_model, bias=config.bias)
         self.act = _ACTIVATIONS[config.activation]
         self.dropout = nn.Dropout(config.dropout)
 
@@ -40,8 +41,8 @@ class SwiGLU(nn.Module):
     def __init__(self, config: ModelConfig, d_ff: int | None = None) -> None:
         super().__init__()
         d_ff = d_ff or config.resolved_d_ff
-        self.gate_up = nn.Linear(config.d_model, 2 * d_ff, bias=config.bias)  # [gate | up] along out
-        self.proj = nn.Linear(d_ff, config.d_model, bias=config.bias)
+        self.gate_up = Linear(config.d_model, 2 * d_ff, bias=config.bias)  # [gate | up] along out
+        self.proj = Linear(d_ff, config.d_model, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

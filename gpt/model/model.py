@@ -19,6 +19,7 @@ from gpt.model import generation
 from gpt.model.attention import CausalSelfAttention, build_attention_mask
 from gpt.model.cache import KVCache
 from gpt.model.config import ModelConfig
+from gpt.model.linear import Linear
 from gpt.model.mlp import build_mlp
 from gpt.model.norms import build_norm
 from gpt.model.positions import build_positions
@@ -48,7 +49,7 @@ class DecoderOnlyTransformer(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.final_norm = build_norm(config.norm, config.d_model, config.layer_norm_eps, config.bias)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_embeddings.weight  # weight tying (Press & Wolf 2017), as in GPT-2
         self.last_aux_loss: torch.Tensor | None = None

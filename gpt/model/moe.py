@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpt.model.config import ModelConfig
+from gpt.model.linear import Linear
 from gpt.model.mlp import SwiGLU
 
 
@@ -31,9 +32,11 @@ class MoE(nn.Module):
         self.n_experts, self.top_k = E, config.moe_top_k
         self.norm_topk = config.moe_norm_topk
         self.capacity_factor = config.moe_capacity_factor
-        self.router = nn.Linear(C, E, bias=False)
+        self.router = Linear(C, E, bias=False)
         self.experts_gate_up = nn.Parameter(torch.empty(E, C, 2 * H))  # x @ W: [gate | up] along the last dim
         self.experts_proj = nn.Parameter(torch.empty(E, H, C))
+        nn.init.normal_(self.experts_gate_up, std=config.init_std)  # the model re-initialises these (GPT-2 scheme)
+        nn.init.normal_(self.experts_proj, std=config.init_std)
         self.shared = SwiGLU(config) if config.moe_shared_expert else None
         self.dropout = nn.Dropout(config.dropout)
         self.aux_loss: torch.Tensor | None = None
