@@ -142,6 +142,9 @@ class ModelConfig:
 
 
 # Architecture of the seed's "reference implementations", at the size of `tiny` so they train on a CPU.
+# Sizes are chosen so that tiny, qwen3-style, moe and hybrid have (almost) the same parameters *active per token*
+# (~0.79M outside the embedding): SwiGLU's 384 = 2/3 of GELU's 4*128, and the MoE experts split that in two
+# (shared + 1 routed of 192 in `moe`, 2 routed of 192 in `hybrid`'s MoE blocks).
 _TINY = dict(vocab_size=8192, d_model=128, n_layers=4, n_heads=4, max_seq_len=256, dropout=0.0)
 _QWEN3 = dict(norm="rmsnorm", position="rope", rope_theta=1.0e6, mlp="swiglu", qk_norm=True, bias=False,
               layer_norm_eps=1e-6)
@@ -158,9 +161,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "qwen3-style": {**_TINY, **_QWEN3, "n_kv_heads": 2},
     # top-1 routing gated by the router probability (renormalising a single weight would make it always 1
     # and leave the router without a gradient from the language-model loss)
-    "moe": {**_TINY, **_QWEN3, "n_kv_heads": 2, "qk_norm": False, "rope_theta": 5.0e5, "d_ff": 256,
+    "moe": {**_TINY, **_QWEN3, "n_kv_heads": 2, "qk_norm": False, "rope_theta": 5.0e5, "d_ff": 192,
             "moe_n_experts": 4, "moe_top_k": 1, "moe_shared_expert": True, "moe_norm_topk": False},
-    "hybrid": {**_TINY, **_QWEN3, "n_kv_heads": 2, "d_ff": 256, "moe_n_experts": 4, "moe_top_k": 2,
+    "hybrid": {**_TINY, **_QWEN3, "n_kv_heads": 2, "moe_d_ff": 192, "moe_n_experts": 4, "moe_top_k": 2,
                "moe_every": 2},
 }
 
