@@ -225,7 +225,9 @@ def _print_info(info: dict[str, Any]) -> None:
     print(f"             sha256 {tok['sha256']}{check}")
     lineage = info["lineage"]
     if lineage:
-        print("lineage      " + json.dumps(lineage, sort_keys=True, indent=2).replace("\n", "\n             "))
+        brief = {k: v for k, v in lineage.items() if k != "params"}  # the full params: `gpt info --json`
+        for key, value in sorted(brief.items()):
+            print(f"lineage      {key}: {json.dumps(value)}")
     else:
         print("lineage      (no lineage.json)")
     print(f"size on disk {info['size_on_disk_bytes'] / 1e6:.2f} MB")
