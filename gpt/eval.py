@@ -124,6 +124,8 @@ def generate_samples(model: nn.Module, tokenizer, prompts: list[str], cfg: EvalC
                      device: torch.device) -> tuple[list[tuple[str, str]], float]:
     """Continue each prompt (batch 1, fixed seed); returns [(prompt, continuation)] and decode tokens/s."""
     model.eval()
+    if prompts:  # warm-up (first-call allocations), so the timing below is the steady decode rate
+        model.generate(torch.tensor([[tokenizer.eos_id]], device=device), max_new_tokens=4)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     samples, new_tokens, seconds = [], 0, 0.0
     for prompt in prompts:

@@ -44,7 +44,8 @@ def main() -> None:
     lineage = read_lineage(paths.model)
     val = TokenShards(paths.shards / "val", tokenizer_sha256=tokenizer.sha256, vocab_size=tokenizer.vocab_size)
     train = TokenShards(paths.shards / "train", tokenizer_sha256=tokenizer.sha256, vocab_size=tokenizer.vocab_size)
-    seq_len = min(cfg.seq_len or model.config.max_seq_len, model.config.max_seq_len)
+    trained_len = (lineage.get("params", {}).get("train") or {}).get("seq_len")  # learned positions stop there
+    seq_len = min(cfg.seq_len or trained_len or model.config.max_seq_len, model.config.max_seq_len)
     autocast = torch.bfloat16 if precision == "bf16" else None
     stats = score_windows(model, val.iter_windows(seq_len, cfg.max_windows), model.config.vocab_size,
                           cfg.batch_size, device, autocast)

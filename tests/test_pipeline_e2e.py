@@ -28,6 +28,11 @@ SHRINK: dict[str, dict] = {
     "prepare": {"sources": [{"kind": "builtin", "max_documents": 80}, {"kind": "files"}], "split": {"val_fraction": 0.15}},
     "tokenizer": {"vocab_size": 512},
     "tokenize": {"shard_tokens": 8192},
+    # D: train/evaluate — a 2-layer model, 30 steps
+    "model": {"d_model": 64, "n_layers": 2, "n_heads": 2, "max_seq_len": 64},
+    "train": {"max_steps": 30, "batch_size": 8, "seq_len": 64, "warmup_steps": 5, "eval_every": 10,
+              "eval_windows": 8, "checkpoint_every": 15, "log_every": 5, "progress": False},
+    "evaluate": {"max_windows": 20, "max_new_tokens": 8, "prompts": ["The "]},
 }
 # Stages whose outputs must be bit-identical when re-run (their metrics too, except files listed as timed).
 DETERMINISTIC_STAGES = ["prepare", "tokenizer", "tokenize"]
@@ -165,6 +170,49 @@ def test_forced_rerun_gives_identical_lock_hashes(project):
         _dvc("repro", "--force", "--single-item", stage, cwd=project, env=env)
     assert _out_hashes(project, DETERMINISTIC_STAGES) == before
     assert "up to date" in _dvc("status", cwd=project, env=env)  # nothing downstream saw a change
+
+
+# ---- D: train and evaluate ----
+@check("train")
+def _check_train(project: Path, metrics: dict, params: dict) -> None:
+    from gpt.tokenizer import Tokenizer
+
+    paths = params["paths"]
+    model_dir = project / paths["model"]
+    assert {p.name for p in model_dir.iterdir()} >= {"model.safetensors", "config.json", "tokenizer.model",
+                                                     "lineage.json"}
+    lineage = json.loads((model_dir / "lineage.json").read_text())
+    assert lineage["step"] == params["train"]["max_steps"]
+    assert lineage["tokenizer_sha256"] == Tokenizer.load(project / paths["tokenizer"]).sha256
+    steps = sorted(p.name for p in (project / paths["checkpoints"]).iterdir())
+    assert steps == ["step-000015", "step-000030"]
+    live = json.loads((project / paths["metrics"] / "train" / "metrics.json").read_text())
+    assert live["step"] == 30 and live["val"]["loss"] < live["train"]["loss"] + 1.0
+
+
+@check("eval")  # the evaluate stage writes metrics/eval.json
+def _check_evaluate(project: Path, metrics: dict, params: dict) -> None:
+    assert metrics["bits_per_byte"] > 0 and metrics["unigram_bits_per_byte"] > 0
+    assert metrics["windows"] == 20 and metrics["model_step"] == params["train"]["max_steps"]
+    assert "## 1. `The `" in (project / params["paths"]["metrics"] / "samples.md").read_text()
+
+
+@pytest.mark.slow
+def test_exp_run_with_changed_lr_then_metrics_diff(project):
+    """`dvc exp run -S train.lr=...` retrains (fresh start: the old checkpoints are another run's) and
+    `dvc metrics diff` / `dvc exp show` report the change."""
+    project, params, env = project
+    _run(["git", "add", "-A"], project, env)
+    _run(["git", "commit", "-qm", "baseline run"], project, env)
+    out = _dvc("exp", "run", "-S", "train.lr=1.0e-2", cwd=project, env=env)
+    assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out
+    assert "Running stage 'tokenize'" not in out
+    state = json.loads((project / "data/checkpoints/step-000030/state.json").read_text())
+    assert state["params"]["train"]["lr"] == 1.0e-2
+    diff = json.loads(_dvc("metrics", "diff", "--json", cwd=project, env=env))
+    assert "val_loss" in diff["metrics/eval.json"] and "bits_per_byte" in diff["metrics/eval.json"]
+    shown = _dvc("exp", "show", "--csv", cwd=project, env=env)
+    assert "train.lr" in shown and "0.01" in shown
 
 
 # ---- C: augment (translation augmentation, apertium en→es; CI installs apertium via `make system-deps`) ----

@@ -215,6 +215,23 @@ def _handle_nonfinite(run: Run, step: int, loss: float, skipped: int, manager: C
     return skipped
 
 
+@dataclasses.dataclass
+class Throughput:
+    """Tokens/s and MFU over the steps since the last measurement."""
+
+    tokens_per_step: int
+    flops_per_token: float
+    peak: float
+    steps: int = 0
+    since: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def measure(self) -> tuple[float, float]:
+        now = time.perf_counter()
+        tok_s = self.tokens_per_step * self.steps / max(now - self.since, 1e-9)
+        self.steps, self.since = 0, now
+        return tok_s, (tok_s * self.flops_per_token / self.peak if self.peak else 0.0)
+
+
 def train(model: nn.Module, cfg: TrainConfig, train_data: BatchSource, val_data: BatchSource,
           checkpoint_dir: Path, model_config: dict[str, Any], lineage: dict[str, Any],
           live_dir: Path | None = None) -> tuple[TrainResult, Run]:
@@ -239,8 +256,8 @@ def train(model: nn.Module, cfg: TrainConfig, train_data: BatchSource, val_data:
     bar = tqdm(total=cfg.max_steps, initial=start, desc="train", unit="step",
                disable=not (cfg.progress and run.info.is_main))
     run.trained.train()
-    t0, last_ckpt, tok_s, mfu = time.perf_counter(), None, 0.0, 0.0
-    t_log, steps_since_log = t0, 0
+    t0, last_ckpt, tok_s = time.perf_counter(), None, 0.0
+    clock = Throughput(tokens_per_step, flops_tok, peak)
     for step in range(start, cfg.max_steps):
         torch.manual_seed(step_seed(cfg.seed, run.info.rank, step))
         lr = lr_at(step, cfg)
@@ -249,24 +266,18 @@ def train(model: nn.Module, cfg: TrainConfig, train_data: BatchSource, val_data:
                             cfg.grad_clip, run.info, run.scaler)
         if not result.finite:
             skipped = _handle_nonfinite(run, step, result.loss, skipped, manager)
-        tokens += tokens_per_step
-        steps_since_log += 1
-        done = step + 1
+        tokens, clock.steps, done = tokens + tokens_per_step, clock.steps + 1, step + 1
         is_ckpt = done % cfg.checkpoint_every == 0 or done == cfg.max_steps
         metrics = {}
         if done % cfg.log_every == 0 or is_ckpt or done == start + 1:
-            now = time.perf_counter()
-            tok_s = tokens_per_step * steps_since_log / max(now - t_log, 1e-9)
-            mfu = tok_s * flops_tok / peak if peak else 0.0
-            t_log, steps_since_log = now, 0
+            tok_s, mfu = clock.measure()
             metrics = {"train/loss": result.loss, "lr": lr, "grad_norm": result.grad_norm, "tokens_per_s": tok_s,
                        "mfu": mfu, "tokens": tokens}
         if done % cfg.eval_every == 0 or is_ckpt:
             val_loss = validation_loss(run.trained, val_windows, run.precision, cfg.batch_size, run.info)
             best = min(best, val_loss)
             metrics["val/loss"] = val_loss
-        if metrics:
-            logger.log(done, metrics)
+        logger.log(done, metrics)
         bar.set_postfix(loss=f"{result.loss:.3f}", val=f"{val_loss:.3f}", tok_s=f"{tok_s:,.0f}")
         bar.update(1)
         if is_ckpt:
@@ -276,17 +287,19 @@ def train(model: nn.Module, cfg: TrainConfig, train_data: BatchSource, val_data:
             barrier(run.info)
     bar.close()
     elapsed = time.perf_counter() - t0
-    steps_run = cfg.max_steps - start
-    avg_tok_s = tokens_per_step * steps_run / elapsed if steps_run else 0.0
+    avg_tok_s = tokens_per_step * (cfg.max_steps - start) / elapsed
     result = TrainResult(step=cfg.max_steps, val_loss=val_loss, best_val_loss=best, tokens_seen=tokens,
                          train_seconds=elapsed, tokens_per_second=avg_tok_s,
                          mfu=avg_tok_s * flops_tok / peak if peak else 0.0, resumed_from=start,
-                         nonfinite_skipped=skipped,
-                         best_checkpoint=str(manager.best()) if run.info.is_main and manager.best() else None,
-                         last_checkpoint=str(last_ckpt or manager.latest()) if run.info.is_main else None)
+                         nonfinite_skipped=skipped, best_checkpoint=_str(manager.best(), run.info),
+                         last_checkpoint=_str(last_ckpt or manager.latest(), run.info))
     logger.summary({"final/val_loss": val_loss, "final/tokens_per_s": avg_tok_s, "final/mfu": result.mfu})
     logger.close()
     return result, run
+
+
+def _str(path: Path | None, info: DistInfo) -> str | None:
+    return str(path) if path is not None and info.is_main else None
 
 
 def _cfg_int(model_config: dict[str, Any], key: str) -> int:

@@ -103,7 +103,7 @@ class TrainLogger:
             self.live.step = resume_step
 
     def log(self, step: int, values: dict[str, float]) -> None:
-        if self.live is None:
+        if self.live is None or not values:
             return
         self.live.step = step
         for name, value in values.items():
