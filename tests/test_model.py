@@ -78,6 +78,8 @@ def test_targets_are_the_shifted_labels():
     _, with_labels = model(window, labels=window)
     logits, with_targets = model(window[:, :-1], targets=window[:, 1:])
     torch.testing.assert_close(with_labels, with_targets)
+    with pytest.raises(ValueError, match="not both"):
+        model(window, labels=window, targets=window)
 
 
 @pytest.mark.parametrize("preset", VARIANTS)

@@ -87,6 +87,8 @@ class DecoderOnlyTransformer(nn.Module):
         attention_mask: (B, T), 1 = real token, 0 = padding (left padding for batched prompts).
         In training mode an MoE model adds moe_aux_loss_coef * load-balancing loss to the loss.
         """
+        if labels is not None and targets is not None:
+            raise ValueError("pass labels (shifted inside) or targets (already shifted), not both")
         hidden = self.hidden_states(input_ids, attention_mask=attention_mask)
         logits = self.lm_head(hidden)
         loss = None
