@@ -172,3 +172,18 @@ def test_decode_path_of_linear_equals_f_linear_and_follows_weight_updates(dtype,
         layer.weight.mul_(2)  # in-place update: the decode copy must be rebuilt
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=2 * tol, rtol=tol)
     assert layer(x).requires_grad  # with autograd on, the plain F.linear path is used
+
+
+def test_verify_installation_output(capsys):
+    from gpt.model.__main__ import main
+
+    main(["--preset", "tiny", "--explain"])
+    out = capsys.readouterr().out
+    config = ModelConfig.from_preset("tiny")
+    assert f"Logits shape: torch.Size([2, 16, {config.vocab_size}])" in out
+    assert "Generated shape: torch.Size([1, 25])" in out
+    with torch.device("meta"):
+        count = DecoderOnlyTransformer(config).num_parameters()
+    assert f"Total parameters: {count:,}" in out
+    loss = float(out.split("Loss: ")[1].split()[0])
+    assert abs(loss - math.log(config.vocab_size)) < 0.3
