@@ -18,8 +18,15 @@ import torch
 from gpt.checkpoint import load_model
 from gpt.config import load_paths, load_section
 from gpt.data.shards import TokenShards
-from gpt.eval import (EvalConfig, bits_per_byte, generate_samples, samples_markdown, score_windows,
-                      unigram_log_probs, unigram_nats)
+from gpt.eval import (
+    EvalConfig,
+    bits_per_byte,
+    generate_samples,
+    samples_markdown,
+    score_windows,
+    unigram_log_probs,
+    unigram_nats,
+)
 from gpt.tokenizer import Tokenizer
 from gpt.train.device import resolve_precision, select_device
 from gpt.train.export import read_lineage

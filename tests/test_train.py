@@ -232,3 +232,11 @@ def test_train_config_rejects_bad_values():
         TrainConfig(max_steps=10, warmup_steps=20)
     with pytest.raises(ConfigError, match="train.lr"):
         dataclasses.replace(cfg(), lr=0.0)
+
+
+@pytest.mark.slow
+def test_torch_compile_trains_like_eager(shards, tmp_path):
+    c = cfg(max_steps=3, checkpoint_every=3, eval_every=3)
+    eager, _ = run(tiny_model(), c, shards, tmp_path / "eager")
+    compiled, _ = run(tiny_model(), dataclasses.replace(c, compile=True), shards, tmp_path / "compiled")
+    assert compiled.val_loss == pytest.approx(eager.val_loss, rel=1e-3)
