@@ -30,6 +30,9 @@ setup: $(VENV)/.installed
 repro: setup
 	$(BIN)/dvc repro
 
+# Tests use tiny models: one OpenMP thread each is as fast, and does not stall when the machine is busy.
+test test-slow test-all: export OMP_NUM_THREADS ?= 1
+
 test: setup
 	$(BIN)/python -m pytest -m "not slow" -q
 
