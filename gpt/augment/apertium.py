@@ -14,7 +14,7 @@ is installed). Measured facts this module relies on (Apertium 3.8.3, eng-spa 0.8
   differently depending on the documents before it in the call (measured: 22 of 60 pydoc topics differed in at
   least one word between batched and one-per-call). Batches are formed deterministically, so a run from the same
   cache state gives the same output; `augment.batch_size: 1` makes each translation depend only on its document
-  (identical to a plain `apertium -u` call) at ~6x the cost (bench/README.md).
+  (identical to a plain `apertium -u` call) at 3-5x the cost (bench/README.md).
 Leading/trailing whitespace of each document is kept outside the call and re-attached, so texts round-trip
 their layout exactly.
 """
