@@ -21,9 +21,11 @@ import statistics
 import subprocess
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from gpt.checkpoint import save_model
 from gpt.config import load_paths
@@ -59,6 +61,34 @@ def perplexity(model: torch.nn.Module, val_dir: Path, seq_len: int, max_windows:
         loss = torch.nn.functional.cross_entropy(logits[0].float(), ids[0, 1:], reduction="sum")
         total, count = total + float(loss), count + ids.shape[1] - 1
     return math.exp(total / count)
+
+
+def layer_table(repeats: int = 30) -> str:
+    """Milliseconds per batch-1 matmul of the seed config's layer shapes, per kernel (the INT8 kernel choice)."""
+    from gpt.quantize import Int8Linear, quantize_per_channel
+
+    def ms(fn) -> float:
+        for _ in range(3):
+            fn()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return (time.perf_counter() - start) / repeats * 1e3
+
+    lines = ["| layer (in → out) | fp32 F.linear | INT8 fbgemm | INT8 _weight_int8pack_mm | bf16 F.linear |",
+             "|---|---:|---:|---:|---:|"]
+    for name, k, n in [("attn qkv", 768, 2304), ("mlp fc", 768, 3072), ("mlp proj", 3072, 768),
+                       ("lm head", 768, 65536)]:
+        w = torch.randn(n, k) * 0.02
+        q, scale = quantize_per_channel(w)
+        fbgemm, int8pack = Int8Linear(q, scale, None, "fbgemm"), Int8Linear(q, scale, None, "int8pack")
+        xk = torch.randn(1, k)
+        with torch.inference_mode():
+            calls = [partial(F.linear, xk, w), partial(fbgemm, xk), partial(int8pack, xk),
+                     partial(F.linear, xk.bfloat16(), w.bfloat16())]
+            cells = [ms(call) for call in calls]
+        lines.append(f"| {name} ({k} → {n}) | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+    return "\n".join(lines)
 
 
 def _variant_dirs(src: Path, work: Path) -> dict[str, Path]:
@@ -117,12 +147,16 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--val-windows", type=int, default=64)
     parser.add_argument("--trained", type=Path, default=None, help="trained model dir (default: paths.model)")
+    parser.add_argument("--layers", action="store_true", help="only the per-layer kernel table (ms per matmul)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     paths = load_paths()
     print(machine(), flush=True)
+    if args.layers:
+        print(layer_table())
+        return
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="bench_quantize.") as tmp:
         work = Path(tmp)
