@@ -5,11 +5,12 @@ forward + backward + AdamW, fp32 and bf16 autocast, for the `tiny` and `seed` pr
 ratio ours/HF, and achieved GFLOP/s (PaLM FLOPs/token, see gpt/train/metrics.py) against a measured matmul
 ceiling in the same precision. Ours and HF alternate step by step-block so machine load hits both alike.
 
-    python -m bench.bench_train                 # both presets
-    python -m bench.bench_train --presets tiny  # quick
+    python -m bench.bench_train                 # both presets, with and without the malloc settings
+    python -m bench.bench_train --presets tiny --malloc set   # quick
+    python -m bench.bench_train --write         # also replace this benchmark's section in bench/README.md
 
-glibc malloc settings (MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_, exported by the Makefile) apply to both
-models equally when set; the table says whether they were set.
+glibc malloc settings (MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_, exported by the Makefile for training) apply
+to both models alike; each setting runs in its own process (glibc reads them at start) and the table shows both.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -87,36 +90,91 @@ def bench_pair(preset: str, precision: str, steps: int) -> dict:
     return row
 
 
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
+README = Path(__file__).with_name("README.md")
+BEGIN, END = "<!-- bench:train -->", "<!-- /bench:train -->"
+
+
+def run_child(args: argparse.Namespace, malloc: bool, out: Path) -> list[dict]:
+    """One measurement process (glibc reads the malloc variables only at process start)."""
+    env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV}
+    if malloc:
+        env.update(MALLOC_ENV)
+    cmd = [sys.executable, "-m", "bench.bench_train", "--child", "--out", str(out), "--presets", *args.presets,
+           "--precisions", *args.precisions] + (["--steps", str(args.steps)] if args.steps else [])
+    subprocess.run(cmd, env=env, check=True)
+    return json.loads(out.read_text())["rows"]
+
+
+def measure(args: argparse.Namespace) -> None:
+    ceiling = {"fp32": measure_matmul_flops(torch.float32, 2048, 2.0),
+               "bf16": measure_matmul_flops(torch.bfloat16, 2048, 2.0)}
+    rows = []
+    for preset in args.presets:
+        for precision in args.precisions:
+            steps = args.steps or (12 if preset == "tiny" else 3)
+            row = bench_pair(preset, precision, steps)
+            row["ceiling_gflops"] = ceiling[precision] / 1e9
+            row["malloc_env"] = bool(os.environ.get("MALLOC_MMAP_THRESHOLD_"))
+            rows.append(row)
+            print(f"  {preset} {precision} malloc={row['malloc_env']}: ours {row['ours_tok_s']:,.0f} tok/s, "
+                  f"HF {row['hf_tok_s']:,.0f} tok/s", file=sys.stderr, flush=True)
+    args.out.write_text(json.dumps({"rows": rows}, indent=2))
+
+
+def table(rows: list[dict], load_before: float, load_after: float) -> str:
+    lines = [f"Machine: {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, "
+             f"{torch.get_num_threads()} threads; load average {load_before:.1f} before / {load_after:.1f} after "
+             "(the machine is shared: absolute numbers are noisy, ours/HF alternate step by step so the ratio "
+             "less so). Step = forward + backward + AdamW; tiny 16×128, seed 4×256 tokens.",
+             "",
+             "| preset | precision | malloc env | ours tok/s | HF tok/s | ours/HF | ours GFLOP/s | HF GFLOP/s "
+             "| matmul ceiling GFLOP/s | ours % of ceiling |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['preset']} | {r['precision']} | {'set' if r['malloc_env'] else 'unset'} | "
+                     f"{r['ours_tok_s']:,.0f} | {r['hf_tok_s']:,.0f} | {r['ratio']:.2f}× | {r['ours_gflops']:.0f} | "
+                     f"{r['hf_gflops']:.0f} | {r['ceiling_gflops']:.0f} | "
+                     f"{100 * r['ours_gflops'] / r['ceiling_gflops']:.0f}% |")
+    return "\n".join(lines)
+
+
+def write_section(text: str) -> None:
+    section = f"{BEGIN}\n## Training throughput: ours vs HF GPT2LMHeadModel (bench/bench_train.py)\n\n{text}\n{END}"
+    current = README.read_text(encoding="utf-8") if README.exists() else "# Benchmarks\n"
+    if BEGIN in current and END in current:
+        head, rest = current.split(BEGIN, 1)
+        current = head + section + rest.split(END, 1)[1]
+    else:
+        current = current.rstrip("\n") + "\n\n" + section + "\n"
+    README.write_text(current, encoding="utf-8")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--presets", nargs="+", default=["tiny", "seed"])
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per model (default: 12 tiny, 4 seed)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per model (default: 12 tiny, 3 seed)")
+    parser.add_argument("--malloc", choices=["both", "set", "unset"], default="both",
+                        help="run with the glibc malloc settings, without, or both (one process each)")
+    parser.add_argument("--write", action="store_true", help="replace this benchmark's section in bench/README.md")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=Path("bench/out/train.json"))
     args = parser.parse_args()
-    ceiling = {"fp32": measure_matmul_flops(torch.float32, 2048, 2.0),
-               "bf16": measure_matmul_flops(torch.bfloat16, 2048, 2.0)}
-    malloc = bool(os.environ.get("MALLOC_MMAP_THRESHOLD_"))
-    print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
-          f"{torch.__version__}, load {os.getloadavg()[0]:.2f}, malloc env {'set' if malloc else 'unset'}")
-    print(f"# matmul ceiling (2048², measured): fp32 {ceiling['fp32'] / 1e9:.0f} GFLOP/s, "
-          f"bf16 {ceiling['bf16'] / 1e9:.0f} GFLOP/s")
-    print("| preset | precision | batch×seq | ours tok/s | HF tok/s | ours/HF | ours GFLOP/s (% of ceiling) "
-          "| HF GFLOP/s |")
-    print("|---|---|---|---:|---:|---:|---:|---:|")
-    rows = []
-    for preset in args.presets:
-        for precision in args.precisions:
-            steps = args.steps or (12 if preset == "tiny" else 4)
-            row = bench_pair(preset, precision, steps)
-            row["ceiling_gflops"] = ceiling[precision] / 1e9
-            rows.append(row)
-            print(f"| {preset} | {precision} | {row['batch_size']}×{row['seq_len']} | {row['ours_tok_s']:,.0f} | "
-                  f"{row['hf_tok_s']:,.0f} | {row['ratio']:.2f}× | {row['ours_gflops']:.0f} "
-                  f"({100 * row['ours_gflops'] / row['ceiling_gflops']:.0f}%) | {row['hf_gflops']:.0f} |",
-                  flush=True)
+    if args.child:
+        measure(args)
+        return
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"malloc_env": malloc, "load": os.getloadavg(), "rows": rows}, indent=2))
+    load_before = os.getloadavg()[0]
+    rows = []
+    for malloc in {"both": (True, False), "set": (True,), "unset": (False,)}[args.malloc]:
+        rows += run_child(args, malloc, args.out.with_suffix(f".{'malloc' if malloc else 'plain'}.json"))
+    rows.sort(key=lambda r: (r["preset"] != "tiny", r["precision"], not r["malloc_env"]))
+    text = table(rows, load_before, os.getloadavg()[0])
+    print(text)
+    args.out.write_text(json.dumps({"rows": rows}, indent=2))
+    if args.write:
+        write_section(text)
 
 
 if __name__ == "__main__":

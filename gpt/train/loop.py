@@ -273,6 +273,7 @@ def train(model: nn.Module, cfg: TrainConfig, train_data: BatchSource, val_data:
             tok_s, mfu = clock.measure()
             metrics = {"train/loss": result.loss, "lr": lr, "grad_norm": result.grad_norm, "tokens_per_s": tok_s,
                        "mfu": mfu, "tokens": tokens}
+            metrics.update(_router_stats(run.model))
         if done % cfg.eval_every == 0 or is_ckpt:
             val_loss = validation_loss(run.trained, val_windows, run.precision, cfg.batch_size, run.info)
             best = min(best, val_loss)
@@ -296,6 +297,12 @@ def train(model: nn.Module, cfg: TrainConfig, train_data: BatchSource, val_data:
     logger.summary({"final/val_loss": val_loss, "final/tokens_per_s": avg_tok_s, "final/mfu": result.mfu})
     logger.close()
     return result, run
+
+
+def _router_stats(model: nn.Module) -> dict[str, float]:
+    """MoE expert load per layer from the last forward (empty for dense models), logged under moe/."""
+    stats = getattr(model, "router_stats", None)
+    return {f"moe/{k}": v for k, v in stats().items()} if callable(stats) else {}
 
 
 def _str(path: Path | None, info: DistInfo) -> str | None:
