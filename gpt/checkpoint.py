@@ -57,7 +57,7 @@ def save_model(model: DecoderOnlyTransformer, directory: str | Path, metadata: d
     directory.mkdir(parents=True, exist_ok=True)
     state = _unique_state_dict(model)
     config_doc = {"format": FORMAT, "version": VERSION, "config": model.config.to_dict(), "metadata": metadata or {}}
-    st_meta = {"format": FORMAT, "config": json.dumps(model.config.to_dict())}
+    st_meta = {"format": FORMAT}  # one key: safetensors writes metadata in hash order, so more keys = unstable bytes
 
     def write_config(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:

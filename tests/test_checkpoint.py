@@ -41,6 +41,14 @@ def test_files_are_safetensors_and_json_and_nothing_else_is_touched(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["config"]["d_model"] == 32
 
 
+def test_saving_the_same_weights_twice_gives_identical_bytes(tmp_path):
+    model = build(small())
+    save_model(model, tmp_path / "a", metadata={"step": 1, "loss": 2.5})
+    save_model(model, tmp_path / "b", metadata={"loss": 2.5, "step": 1})
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
 def test_load_with_dtype(tmp_path):
     save_model(build(small()), tmp_path)
     assert load_model(tmp_path, dtype=torch.bfloat16).tok_embeddings.weight.dtype == torch.bfloat16
