@@ -240,3 +240,14 @@ def test_torch_compile_trains_like_eager(shards, tmp_path):
     eager, _ = run(tiny_model(), c, shards, tmp_path / "eager")
     compiled, _ = run(tiny_model(), dataclasses.replace(c, compile=True), shards, tmp_path / "compiled")
     assert compiled.val_loss == pytest.approx(eager.val_loss, rel=1e-3)
+
+
+def test_moe_model_trains_and_logs_router_load(shards, tmp_path):
+    torch.manual_seed(0)
+    config = ModelConfig.from_preset("moe", vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1,
+                                     max_seq_len=32, d_ff=64)
+    model = DecoderOnlyTransformer(config)
+    result, _ = run(model, cfg(max_steps=2, checkpoint_every=2, eval_every=2), shards, tmp_path / "c",
+                    live_dir=tmp_path / "live")
+    assert math.isfinite(result.val_loss)
+    assert list((tmp_path / "live/plots/metrics/moe").rglob("*.tsv"))  # expert load per layer
