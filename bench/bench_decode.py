@@ -7,11 +7,12 @@ For each model config (seed: the seed project's 93M model; tiny: the pipeline's 
   - per-token decode latency (ms) at several context lengths (prefill excluded): flat = the cache works.
 HF runs on exactly our weights (gpt.hf.to_hf_gpt2), and both produce the same tokens (checked here).
 
-    python -m bench.bench_decode                     # full table (several minutes on 2 cores)
+    python -m bench.bench_decode                     # the issue's table (~2-3 min on 2 quiet cores)
+    python -m bench.bench_decode --write             # also replace this benchmark's section in bench/README.md
     python -m bench.bench_decode --configs tiny --quick
 
 The machine's CPU model, core count, torch threads, load average and MALLOC_* settings are printed with the
-table; paste it into bench/README.md.
+table (ours and HF run in the same process, so they share any such setting).
 """
 
 from __future__ import annotations
@@ -31,6 +32,20 @@ from gpt.hf import to_hf_gpt2
 from gpt.model import DecoderOnlyTransformer, ModelConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+README = Path(__file__).with_name("README.md")
+
+
+def write_section(name: str, title: str, text: str) -> None:
+    """Replace the `<!-- bench:name -->` section of bench/README.md (create the file if needed)."""
+    begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    section = f"{begin}\n## {title}\n\n{text}\n{end}"
+    current = README.read_text(encoding="utf-8") if README.exists() else "# Benchmarks\n"
+    if begin in current and end in current:
+        head, rest = current.split(begin, 1)
+        current = head + section + rest.split(end, 1)[1]
+    else:
+        current = current.rstrip("\n") + "\n\n" + section + "\n"
+    README.write_text(current, encoding="utf-8")
 
 
 def machine() -> dict:
@@ -44,9 +59,9 @@ def machine() -> dict:
             "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}}
 
 
-def timed(fn, repeats: int) -> float:
-    """Median wall time of `repeats` calls (after one warm-up call)."""
-    fn()
+def timed(fn, repeats: int, warmup=None) -> float:
+    """Median wall time of `repeats` calls, after one warm-up call (of `warmup` if given: a shorter run)."""
+    (warmup or fn)()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -87,15 +102,16 @@ def bench_one(preset: str, dtype_name: str, args) -> dict:
     same = torch.equal(ours_tokens, hf_generate(hf, ids, new))
     row = {"config": preset, "dtype": dtype_name, "params": model.num_parameters(), "new_tokens": new,
            "same_tokens_as_hf": same}
-    row["ours_tok_s"] = new / timed(lambda: model.generate(ids, new, temperature=0), args.repeats)
-    row["hf_tok_s"] = new / timed(lambda: hf_generate(hf, ids, new), args.repeats)
+    row["ours_tok_s"] = new / timed(lambda: model.generate(ids, new, temperature=0), args.repeats,
+                                    lambda: model.generate(ids, 8, temperature=0))
+    row["hf_tok_s"] = new / timed(lambda: hf_generate(hf, ids, new), args.repeats, lambda: hf_generate(hf, ids, 8))
     nc_new = min(new, args.no_cache_tokens)
-    row["ours_no_cache_tok_s"] = nc_new / timed(lambda: model.generate(ids, nc_new, temperature=0, use_cache=False), 1)
+    row["ours_no_cache_tok_s"] = nc_new / timed(lambda: model.generate(ids, nc_new, temperature=0, use_cache=False), 1,
+                                                lambda: model.generate(ids, 2, temperature=0, use_cache=False))
     row["no_cache_new_tokens"] = nc_new
     row["latency_ms"] = {}
-    for ctx in args.contexts:
-        if ctx + args.latency_steps + 1 > config.max_seq_len:
-            continue
+    L, steps = config.max_seq_len, args.latency_steps
+    for ctx in (16, L // 4, L // 2, L - steps - 1):  # up to a full context
         ctx_ids = torch.randint(0, config.vocab_size, (1, ctx), generator=torch.Generator().manual_seed(ctx))
         ours = statistics.median(decode_latency_ours(model, ctx_ids, args.latency_steps) for _ in range(2))
         theirs = decode_latency_hf(hf, ctx_ids, args.latency_steps)
@@ -103,7 +119,7 @@ def bench_one(preset: str, dtype_name: str, args) -> dict:
     return row
 
 
-def markdown(rows: list[dict], info: dict, contexts: list[int]) -> str:
+def markdown(rows: list[dict], info: dict) -> str:
     lines = [
         f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} with {info['torch_threads']} threads; "
         f"load average before/after: {info['load_before']} / {info['load_after']}; "
@@ -121,12 +137,10 @@ def markdown(rows: list[dict], info: dict, contexts: list[int]) -> str:
     lines += ["", "bf16 vs HF fp32: " + ", ".join(
         f"{r['config']} {r['ours_tok_s'] / hf_fp32[r['config']]:.2f}x" for r in rows
         if r["dtype"] == "bf16" and r["config"] in hf_fp32)]
-    lines += ["", "Per-token decode latency (ms, prefill excluded) by context length, ours / HF:", "",
-              "| config | dtype | " + " | ".join(f"ctx {c}" for c in contexts) + " |",
-              "|---|---|" + "---:|" * len(contexts)]
+    lines += ["", "Per-token decode latency (ms, prefill excluded) at context length n (tokens already in the cache), "
+              "ours / HF:", "", "| config | dtype | n ≈ 16 | n ≈ L/4 | n ≈ L/2 | n ≈ L (full) |", "|---|---|---:|---:|---:|---:|"]
     for r in rows:
-        cells = [f"{r['latency_ms'][c]['ours']:.2f} / {r['latency_ms'][c]['hf']:.2f}" if c in r["latency_ms"] else "–"
-                 for c in contexts]
+        cells = [f"n={c}: {v['ours']:.2f} / {v['hf']:.2f}" for c, v in r["latency_ms"].items()]
         lines.append(f"| {r['config']} | {r['dtype']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -138,18 +152,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new-tokens", type=int, default=200)
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--no-cache-tokens", type=int, default=50, help="new tokens for the (slow) no-cache run")
-    parser.add_argument("--contexts", default="16,128,256,448")
     parser.add_argument("--latency-steps", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="fewer tokens and repeats (a smoke run)")
     parser.add_argument("--json", type=Path, default=Path("bench/out/decode.json"))
+    parser.add_argument("--write", action="store_true", help="replace this benchmark's section in bench/README.md")
     args = parser.parse_args(argv)
     if args.quick:
         args.new_tokens, args.repeats, args.no_cache_tokens, args.latency_steps = 40, 1, 20, 8
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.contexts = [int(c) for c in args.contexts.split(",")]
     info = machine()
     rows = []
     for preset in args.configs.split(","):
@@ -159,7 +172,10 @@ def main(argv: list[str] | None = None) -> None:
     info["load_before"], info["load_after"] = info.pop("load_avg"), [round(x, 2) for x in os.getloadavg()]
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"machine": info, "rows": rows}, indent=2))
-    print(markdown(rows, info, args.contexts))
+    text = markdown(rows, info)
+    print(text)
+    if args.write:
+        write_section("decode", "Decoding: ours (KV cache) vs HF GPT2LMHeadModel.generate (bench/bench_decode.py)", text)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ pipeline's token shards (`paths.shards`, built by `dvc repro tokenize`):
     same learning-rate schedule; a deliberately plain loop so only the architecture differs);
   - batch-1 decode tokens/s (KV cache, fp32) and KV-cache bytes per token (GQA stores n_kv_heads of n_heads).
 
-    python -m bench.bench_variants                      # ~5 min on 2 cores
+    python -m bench.bench_variants                      # ~2-3 min on 2 quiet cores
+    python -m bench.bench_variants --write              # also replace this benchmark's section in bench/README.md
     python -m bench.bench_variants --steps 20 --presets tiny,moe
 """
 
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from bench.bench_decode import machine
+from bench.bench_decode import machine, write_section
 from gpt.config import load_paths
 from gpt.data.shards import TokenShards
 from gpt.model import DecoderOnlyTransformer, ModelConfig
@@ -130,6 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", type=Path, default=Path("bench/out/variants.json"))
+    parser.add_argument("--write", action="store_true", help="replace this benchmark's section in bench/README.md")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -145,7 +147,10 @@ def main(argv: list[str] | None = None) -> None:
     info["load_before"], info["load_after"] = info.pop("load_avg"), [round(x, 2) for x in os.getloadavg()]
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"machine": info, "rows": rows}, indent=2))
-    print(markdown(rows, info, args))
+    text = markdown(rows, info, args)
+    print(text)
+    if args.write:
+        write_section("variants", "Architecture variants at equal active parameters (bench/bench_variants.py)", text)
 
 
 if __name__ == "__main__":
