@@ -11,7 +11,8 @@ its own) with the same number of encode threads:
   (reading and writing not timed, to the peer's advantage);
 - peer-numpy: the same with `encode_as_numpy` (no Python int lists).
 
-Seconds are best of --repeats, timed inside the process after imports. Prints a Markdown table.
+Seconds are best of --repeats, timed inside the process after imports. Prints a Markdown table; --write puts it
+in bench/README.md (section `tokenize`).
 """
 
 from __future__ import annotations
@@ -85,47 +86,92 @@ def run_child(mode: str, corpus: Path, tokenizer_dir: Path, threads: int, out: P
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+README = Path(__file__).with_name("README.md")
+ABOUT = """`python -m bench.bench_tokenize` times the `tokenize` stage code (`tokenize_split` on train and val: read
+Parquet, batch-encode on all cores, write uint16 Arrow shards + manifests) against plain sentencepiece on the same
+texts, tokenizer and thread count: `peer` = one `SentencePieceProcessor.encode(texts, num_threads=N)` call on texts
+already in memory (reading/writing not timed), `peer-numpy` = the same with `encode_as_numpy`. Corpus: the built-in
+default (Python docs, cleaned by `prepare`) and copies of it K times larger; BPE with the default params. Each run
+is a fresh process (peak RSS = its VmHWM); methods are interleaved and the best of N runs is shown.
+Target from issue 3: ours >= 0.8x the peer's MB/s, and memory flat in corpus size."""
+
+
+def write_section(name: str, title: str, text: str) -> None:
+    """Replace the `<!-- bench:name -->` section of bench/README.md (create the file if needed)."""
+    begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    section = f"{begin}\n## {title}\n\n{text}\n{end}"
+    current = README.read_text(encoding="utf-8") if README.exists() else "# Benchmarks\n"
+    if begin in current and end in current:
+        head, rest = current.split(begin, 1)
+        current = head + section + rest.split(end, 1)[1]
+    else:
+        current = current.rstrip("\n") + "\n\n" + section + "\n"
+    README.write_text(current, encoding="utf-8")
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def measure(args, root: Path) -> list[str]:
+    from gpt.tokenizer import TokenizerConfig, train_tokenizer, training_sentences
+
+    corpora = build_corpora(root, args.scales)
+    train_tokenizer(training_sentences(corpora[1], TokenizerConfig()), TokenizerConfig(), root / "tok")
+    load = [round(x, 2) for x in os.getloadavg()]
+    lines = [
+        f"Machine: {cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"{args.threads} encode threads. {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+        f"load average before: {load}",
+        "",
+        f"| corpus | MB | method | seconds (best of {args.repeats}) | MB/s | vs peer | peak RSS MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    modes = ("ours", "peer", "peer-numpy")
+    for k, corpus in sorted(corpora.items()):
+        runs: dict[str, list[dict]] = {mode: [] for mode in modes}
+        for i in range(args.repeats):  # interleaved, so a burst of load from elsewhere hits every method
+            for mode in modes:
+                runs[mode].append(run_child(mode, corpus, root / "tok", args.threads, root / f"s-{k}-{mode}-{i}"))
+        results = {
+            mode: min(rs, key=lambda r: r["seconds"]) | {"peak_rss_mb": max(r["peak_rss_mb"] for r in rs)}
+            for mode, rs in runs.items()
+        }
+        assert results["ours"]["tokens"] == results["peer"]["tokens"], "token counts differ"
+        peer_mbs = results["peer"]["bytes"] / 1e6 / results["peer"]["seconds"]
+        for mode, r in results.items():
+            mbs = r["bytes"] / 1e6 / r["seconds"]
+            lines.append(
+                f"| {k}x | {r['bytes'] / 1e6:.1f} | {mode} | {r['seconds']:.2f} | {mbs:.2f} | "
+                f"{mbs / peer_mbs:.2f}x | {r['peak_rss_mb']:.0f} |"
+            )
+    lines += ["", f"Load average after: {[round(x, 2) for x in os.getloadavg()]}."]
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scales", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--child", choices=["ours", "peer", "peer-numpy"])
-    parser.add_argument("--corpus", type=Path)
-    parser.add_argument("--tokenizer", type=Path)
-    parser.add_argument("--out", type=Path)
+    parser.add_argument("--write", action="store_true", help="replace this benchmark's section in bench/README.md")
+    parser.add_argument("--child", choices=["ours", "peer", "peer-numpy"], help=argparse.SUPPRESS)
+    parser.add_argument("--corpus", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--tokenizer", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.corpus, args.tokenizer, args.threads, args.out)))
         return
-
-    from gpt.tokenizer import TokenizerConfig, train_tokenizer, training_sentences
-
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        corpora = build_corpora(root, args.scales)
-        train_tokenizer(training_sentences(corpora[1], TokenizerConfig()), TokenizerConfig(), root / "tok")
-        print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-              f"python {platform.python_version()}; load before: {os.getloadavg()}; threads: {args.threads}")
-        print(f"\n| corpus | MB | method | seconds (best of {args.repeats}) | MB/s | vs peer | peak RSS MB |")
-        print("|---|---|---|---|---|---|---|")
-        for k, corpus in sorted(corpora.items()):
-            modes = ("ours", "peer", "peer-numpy")
-            runs: dict[str, list[dict]] = {mode: [] for mode in modes}
-            for i in range(args.repeats):  # interleaved, so a burst of load from elsewhere hits every method
-                for mode in modes:
-                    runs[mode].append(run_child(mode, corpus, root / "tok", args.threads, root / f"s-{k}-{mode}-{i}"))
-            results = {
-                mode: min(rs, key=lambda r: r["seconds"]) | {"peak_rss_mb": max(r["peak_rss_mb"] for r in rs)}
-                for mode, rs in runs.items()
-            }
-            peer_mbs = results["peer"]["bytes"] / 1e6 / results["peer"]["seconds"]
-            for mode, r in results.items():
-                mbs = r["bytes"] / 1e6 / r["seconds"]
-                print(f"| {k}x | {r['bytes'] / 1e6:.1f} | {mode} | {r['seconds']:.2f} | {mbs:.2f} | "
-                      f"{mbs / peer_mbs:.2f}x | {r['peak_rss_mb']:.0f} |")
-            assert results["ours"]["tokens"] == results["peer"]["tokens"], "token counts differ"
-        print(f"\nload after: {os.getloadavg()}")
+        lines = measure(args, Path(tmp))
+    print("\n".join(lines))
+    if args.write:
+        write_section("tokenize", "Tokenize stage vs plain sentencepiece (`bench/bench_tokenize.py`, issue 3)",
+                      ABOUT + "\n\n" + "\n".join(lines))
 
 
 if __name__ == "__main__":
