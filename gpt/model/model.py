@@ -189,9 +189,15 @@ class DecoderOnlyTransformer(nn.Module):
         return stats
 
     def new_cache(self, batch_size: int, capacity: int | None = None) -> KVCache:
+        """An empty KV cache for up to `capacity` (default max_seq_len) positions.
+
+        On CPU a bf16/fp16 model keeps its cache in float32: CPU attention kernels for one query are 2-5x slower in
+        bf16 than in fp32 (bench/README.md), and the cache is small next to the weights. Elsewhere: the model's dtype.
+        """
         cfg, ref = self.config, self.tok_embeddings.weight
+        dtype = torch.float32 if ref.device.type == "cpu" and ref.dtype in (torch.bfloat16, torch.float16) else ref.dtype
         return KVCache(cfg.n_layers, batch_size, cfg.kv_heads, capacity or cfg.max_seq_len, cfg.resolved_head_dim,
-                       ref.device, ref.dtype)
+                       ref.device, dtype)
 
     # ---- generation (see generation.py) ----
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
