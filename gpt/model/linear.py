@@ -1,12 +1,18 @@
 """`Linear`: `nn.Linear` with a faster path for batch-1 decoding on CPU.
 
-Decoding one token at a time is memory-bound: every step reads every weight once. On this kind of CPU
-`F.linear` reads an (out, in) fp32 weight for a single row at roughly half the speed of a plain matmul against
-the same weight stored transposed (in, out) and contiguous, and bf16 `F.linear` is faster still when the
-weight is pre-packed for oneDNN (measured in bench/README.md). So for small-row inference calls on CPU (no
-autograd, at most `DECODE_MAX_ROWS` rows) the layer keeps a weight copy in the fast layout, rebuilt whenever
-the weight changes (new storage, in-place update, dtype change). Training, batched evaluation and GPUs use
-`F.linear` untouched. The price is a second copy of the weights in memory while decoding.
+Decoding one token at a time is memory-bound: every step reads every weight once, one row of activations
+against the whole weight (a GEMV). Measured on this CPU (AMD EPYC with AVX-512 bf16, torch 2.13), per decode step
+of the seed model at 1 thread (bench/README.md):
+  - fp32: `F.linear` reads the (out, in) weight at ~6 GB/s; a plain matmul against a transposed, contiguous
+    (in, out) copy reads it at ~11 GB/s (also noted in ../shared/RESOURCES.md): +25% tokens/s end to end.
+  - bf16: `F.linear` goes through oneDNN, which reorders the weight on every call (~4.7 GB/s, and ~6.9 GB/s
+    even with a pre-packed weight); with oneDNN switched off for the call, ATen's own bf16 GEMV reads the
+    weight as it is at ~10.7 GB/s: +22% tokens/s over the pre-packed oneDNN weight, with no extra copy.
+So for small-row inference calls on CPU (no autograd, at most `DECODE_MAX_ROWS` rows) the layer uses those
+kernels; an fp32 layer keeps its transposed copy (rebuilt when the weight changes: new storage, in-place update,
+dtype change). Training, batched evaluation and GPUs use `F.linear` untouched. Costs: an fp32 model holds a
+second copy of its weights while decoding; the bf16 path flips the process-wide oneDNN switch for the duration
+of one matmul (another thread's oneDNN call at that instant would merely take the slower path).
 """
 
 from __future__ import annotations
@@ -18,11 +24,13 @@ from torch import nn
 DECODE_MAX_ROWS = 4
 
 
-def _mkldnn_bf16() -> bool:
+def _linear_without_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    previous = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
     try:
-        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    except (AttributeError, RuntimeError):
-        return False
+        return F.linear(x, weight, bias)
+    finally:
+        torch.backends.mkldnn.enabled = previous
 
 
 class Linear(nn.Linear):
@@ -54,9 +62,8 @@ class Linear(nn.Linear):
     def _build_decode_kernel(self):
         weight = self.weight.detach()
         bias = None if self.bias is None else self.bias.detach()
-        if weight.dtype == torch.bfloat16 and _mkldnn_bf16():
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)  # oneDNN layout for batch-1 GEMV
-            return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+        if weight.dtype == torch.bfloat16:
+            return lambda x: _linear_without_onednn(x, weight, bias)
         if weight.dtype == torch.float32:
             weight_t = weight.t().contiguous()  # (in, out)
             if bias is None:
