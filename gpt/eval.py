@@ -122,7 +122,7 @@ def unigram_nats(log_probs: np.ndarray, target_counts: np.ndarray) -> float:
 @torch.no_grad()
 def generate_samples(model: nn.Module, tokenizer, prompts: list[str], cfg: EvalConfig,
                      device: torch.device) -> tuple[list[tuple[str, str]], float]:
-    """Continue each prompt (batch 1, fixed seed); returns [(prompt, continuation)] and decode tokens/s."""
+    """Continue each prompt (batch 1, fixed seed); returns [(prompt, prompt + continuation)] and decode tokens/s."""
     model.eval()
     if prompts:  # warm-up (first-call allocations), so the timing below is the steady decode rate
         model.generate(torch.tensor([[tokenizer.eos_id]], device=device), max_new_tokens=4)
@@ -137,7 +137,8 @@ def generate_samples(model: nn.Module, tokenizer, prompts: list[str], cfg: EvalC
         seconds += time.perf_counter() - start
         continuation = [t for t in out[0, len(ids):].tolist() if t != tokenizer.eos_id]
         new_tokens += out.shape[1] - len(ids)
-        samples.append((prompt, tokenizer.decode(continuation)))
+        # decode prompt + continuation together: sentencepiece drops the leading space of a lone continuation
+        samples.append((prompt, tokenizer.decode(ids + continuation)))
     return samples, (new_tokens / seconds if seconds > 0 else 0.0)
 
 
@@ -146,6 +147,6 @@ def samples_markdown(samples: list[tuple[str, str]], cfg: EvalConfig, header: st
     lines = [f"# Samples — {header}", "",
              f"temperature {cfg.temperature}, top_k {cfg.top_k}, top_p {cfg.top_p}, seed {cfg.seed}, "
              f"max_new_tokens {cfg.max_new_tokens}", ""]
-    for i, (prompt, continuation) in enumerate(samples, 1):
-        lines += [f"## {i}. `{prompt}`", "", "```text", (prompt + continuation).replace("```", "'''"), "```", ""]
+    for i, (prompt, text) in enumerate(samples, 1):
+        lines += [f"## {i}. `{prompt}`", "", "```text", text.replace("```", "'''"), "```", ""]
     return "\n".join(lines)

@@ -23,7 +23,7 @@ PARAMS = {
     "train": {"max_steps": 60, "batch_size": 8, "seq_len": 64, "lr": 1.0e-2, "warmup_steps": 5,
               "eval_every": 20, "eval_windows": 8, "checkpoint_every": 30, "precision": "fp32", "device": "cpu",
               "progress": False, "log_every": 5},
-    "evaluate": {"max_windows": 40, "batch_size": 8, "prompts": ["The ", "def "], "max_new_tokens": 16,
+    "evaluate": {"max_windows": 40, "batch_size": 8, "prompts": ["The", "def"], "max_new_tokens": 16,
                  "device": "cpu"},
 }
 
@@ -79,7 +79,7 @@ def test_train_then_evaluate_writes_the_promised_outputs(workspace, monkeypatch)
     assert metrics["perplexity"] == pytest.approx(math.exp(metrics["val_loss"]))
     assert metrics["tokens_scored"] == 40 * 64 or metrics["windows"] < 40
     samples = (workspace / "metrics/samples.md").read_text()
-    assert "## 1. `The `" in samples and "## 2. `def `" in samples
+    assert "## 1. `The`" in samples and "## 2. `def`" in samples
 
     # re-running the finished stage resumes at the end: same model, no retraining
     before = safetensors.torch.load_file(model_dir / "model.safetensors")
