@@ -140,3 +140,44 @@ def test_bits_per_byte_and_unigram_baseline_by_hand(tmp_path):
     assert unigram_nats(log_p, stats.target_counts) == pytest.approx(expected)
     # argmax of uniform logits is token 0: correct exactly where the target is 0
     assert stats.correct == int((targets == 0).sum())
+
+
+@pytest.mark.slow
+def test_kill_9_then_rerun_gives_the_uninterrupted_model(workspace, tmp_path):
+    """A real SIGKILL at an arbitrary moment after the first checkpoint; re-running resumes and ends with the same
+    weights (fp32, CPU) as a run that was never interrupted."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for name in ("plain", "killed"):
+        work = tmp_path / name
+        shutil.copytree(workspace / "data/tokenizer", work / "data/tokenizer")
+        shutil.copytree(workspace / "data/shards", work / "data/shards")
+        write_params(work, train={"max_steps": 40, "checkpoint_every": 10, "eval_every": 10})
+        runs[name] = work
+    cmd = [sys.executable, "-m", "stages.train"]
+    subprocess.run(cmd, cwd=runs["plain"], env=env, check=True, capture_output=True, timeout=300)
+    proc = subprocess.Popen(cmd, cwd=runs["killed"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = runs["killed"] / "data/checkpoints/step-000010/state.json"
+    deadline = time.time() + 240
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (runs["killed"] / "data/model").exists(), "killed too late: the run had finished"
+    rerun = subprocess.run(cmd, cwd=runs["killed"], env=env, check=True, capture_output=True, text=True,
+                           timeout=300)
+    assert "resuming from" in rerun.stderr and "(step 0)" not in rerun.stderr  # continued, not restarted
+    state = json.loads((runs["killed"] / "data/checkpoints/step-000040/state.json").read_text())
+    assert state["step"] == 40
+    a = safetensors.torch.load_file(runs["plain"] / "data/model/model.safetensors")
+    b = safetensors.torch.load_file(runs["killed"] / "data/model/model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
