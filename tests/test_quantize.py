@@ -80,3 +80,17 @@ def test_quantize_errors(tiny_model_dir, int8_dir, tmp_path):
     with pytest.raises(QuantizeError, match="int4"):
         quantize_checkpoint(tiny_model_dir, tmp_path / "x", "int4")
     assert not (tmp_path / "x").exists()
+
+
+def test_int8_model_serves_completions(int8_dir):
+    from fastapi.testclient import TestClient
+
+    from gpt.serve.app import create_app
+
+    loaded = load_for_inference(int8_dir, name="q")
+    ids = loaded.tokenizer.encode("the cat saw")
+    greedy = loaded.model.generate(torch.tensor([ids]), 8, temperature=0.0)[0].tolist()
+    with TestClient(create_app(loaded)) as client:
+        body = client.post("/v1/completions", json={"prompt": "the cat saw", "max_tokens": 8, "temperature": 0})
+    assert body.status_code == 200
+    assert "the cat saw" + body.json()["choices"][0]["text"] == loaded.tokenizer.decode(greedy)

@@ -281,3 +281,14 @@ def test_openai_client_library(server, loaded):
     assert "".join(c.choices[0].text for c in pieces if c.choices) == done.choices[0].text
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         client.completions.create(model="tiny", prompt=PROMPT, max_tokens=10**6)
+
+
+def test_serve_config_rejects_bad_values():
+    from gpt.config import ConfigError
+
+    with pytest.raises(ConfigError, match="serve.port"):
+        ServeConfig(port=70000)
+    with pytest.raises(ConfigError, match="serve.max_n"):
+        ServeConfig(max_n=0)
+    with pytest.raises(ConfigError, match="serve.default_max_tokens"):
+        ServeConfig(max_tokens=8, default_max_tokens=64)
