@@ -55,10 +55,19 @@ def test_one_call_for_a_batch_and_layout_preserved(translator):
         assert len(dst) - len(dst.rstrip()) == len(src) - len(src.rstrip())
 
 
+UNBALANCED = [
+    "unbalanced [ bracket here", "lone ] bracket", "ends with backslash \\", "^caret alone", "dollar $ alone $",
+    "<unclosed tag", "tab\tseparated\tcolumns", "emoji 😀 and CJK 漢字", "code: `x = a[i] ^ b`; if (a<b) { return $x; }",
+    "line1\r\nline2",
+]
+
+
 def test_markup_characters_survive(translator):
-    out = translator.translate(DOCS)
-    for src, dst in zip(DOCS, out):
-        for ch in "<>[]\\^$@*#/{}%&":
+    texts = DOCS + UNBALANCED
+    out = translator.translate(texts)
+    assert translator.stats["batch_fallbacks"] == 0
+    for src, dst in zip(texts, out):
+        for ch in "<>[]\\^$@*#/{}%&`\t\r😀漢":
             assert dst.count(ch) == src.count(ch), (ch, src, dst)
 
 
