@@ -119,3 +119,16 @@ def test_generate_restores_training_mode_and_checks_arguments():
         with pytest.raises(ValueError):
             model.generate(prompt(), **{"max_new_tokens": 2, **bad})
     assert torch.equal(model.generate(prompt(), 0), prompt())
+
+
+@pytest.mark.parametrize("preset", ["tiny", "qwen3-style"])
+def test_bf16_decoding_tracks_the_full_forward(preset):
+    model = build(small(preset)).to(torch.bfloat16)
+    ids = model.generate(prompt(T=5), 12, temperature=0)
+    assert model.new_cache(1).keys.dtype == torch.float32  # CPU: bf16 model, fp32 cache
+    with torch.no_grad():
+        full = model(ids)[0].float()
+        cache = model.new_cache(2)
+        steps = [model.lm_head(model.hidden_states(ids[:, :5], cache=cache))]
+        steps += [model.lm_head(model.hidden_states(ids[:, t:t + 1], cache=cache)) for t in range(5, 17)]
+    torch.testing.assert_close(torch.cat(steps, 1).float(), full, atol=3e-2, rtol=3e-2)
