@@ -30,7 +30,7 @@ def test_whitespace_and_control_cleanup():
     repairs = Counter()
     text = "  title\x07\x1b  \r\nline\u2028two\t \n\n\n\n\nend\x85tail  "
     assert clean_text(text, CleanConfig(), repairs) == "title\nline\ntwo\n\nend\ntail"
-    assert repairs["control_chars_removed"] == 1
+    assert repairs == Counter(control_chars_removed=1, whitespace_trimmed=1)
     assert clean_text("keep\ttabs\n\n  and indentation", CleanConfig()) == "keep\ttabs\n\n  and indentation"
 
 

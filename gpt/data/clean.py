@@ -71,8 +71,10 @@ def clean_text(text: str, cfg: CleanConfig, repairs: Counter | None = None) -> s
         cleaned = _CONTROL.sub("", cleaned)
         if cleaned != text:
             repairs["control_chars_removed"] += 1
-        cleaned = _MANY_BLANK_LINES.sub("\n\n", _TRAILING_SPACE.sub("\n", cleaned + "\n")).strip()
-        text = cleaned
+        spaced = _MANY_BLANK_LINES.sub("\n\n", _TRAILING_SPACE.sub("\n", cleaned + "\n")).strip()
+        if spaced != cleaned:
+            repairs["whitespace_trimmed"] += 1
+        text = spaced
     if cfg.scrub_pii:
         text, emails = _EMAIL.subn("<email>", text)
         text, phones = _PHONE.subn("<phone>", text)
