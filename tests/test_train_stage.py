@@ -181,3 +181,19 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_model(workspace, tmp_path):
     a = safetensors.torch.load_file(runs["plain"] / "data/model/model.safetensors")
     b = safetensors.torch.load_file(runs["killed"] / "data/model/model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_projects_params_yaml_sections_are_valid():
+    from pathlib import Path
+
+    from gpt.config import load_params, load_section
+    from gpt.eval import EvalConfig
+    from gpt.model import model_config_from_params
+    from gpt.train.config import TrainConfig
+
+    params_file = Path(__file__).resolve().parents[1] / "params.yaml"
+    train_cfg = load_section("train", TrainConfig, params_file)
+    load_section("evaluate", EvalConfig, params_file)
+    model_cfg = model_config_from_params(load_params(params_file)["model"], vocab_size=4096)
+    assert train_cfg.seq_len <= model_cfg.max_seq_len
+    train_cfg.grad_accum_steps(world_size=1)
