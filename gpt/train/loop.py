@@ -193,6 +193,13 @@ def _save_checkpoint(run: Run, manager: CheckpointManager, step: int, tokens: in
     return manager.save(run.model, run.optimizer, state)
 
 
+def _resume_state(run: Run, manager: CheckpointManager, identity: dict[str, Any]) -> dict[str, Any]:
+    """Rank 0 picks the checkpoint (or none); every rank loads it. Returns its state.json, or {} when fresh."""
+    path = choose_resume(manager, identity, run.cfg.resume) if run.info.is_main else None
+    path = _broadcast_path(path, run.info)
+    return _restore(run, manager, path) if path else {}
+
+
 def _restore(run: Run, manager: CheckpointManager, path: Path) -> dict[str, Any]:
     state = manager.load(path, run.model, run.optimizer)
     if run.scaler is not None and state.get("scaler"):
@@ -240,16 +247,14 @@ def train(model: nn.Module, cfg: TrainConfig, train_data: BatchSource, val_data:
     run = setup_run(model, cfg)
     manager = CheckpointManager(checkpoint_dir, keep_last=cfg.keep_last, keep_best=cfg.keep_best)
     identity = run_identity(cfg, model_config, lineage, run.info.world_size)
-    resume_path = choose_resume(manager, identity, cfg.resume) if run.info.is_main else None
-    resume_path = _broadcast_path(resume_path, run.info)
-    state = _restore(run, manager, resume_path) if resume_path else {}
+    state = _resume_state(run, manager, identity)
     start = state.get("step", 0)
     tokens, skipped = state.get("tokens_seen", 0), state.get("nonfinite_skipped", 0)
     val_loss, best = state.get("val_loss", math.nan), state.get("best_val_loss", math.inf)
     wrap_for_training(run)
     val_windows = fixed_val_windows(val_data, cfg, run.device)
     tokens_per_step = cfg.batch_size * cfg.seq_len * run.accum * run.info.world_size
-    flops_tok = flops_per_token(run.model, _cfg_int(model_config, "n_layers"), _cfg_int(model_config, "d_model"),
+    flops_tok = flops_per_token(run.model, model_config.get("n_layers", 0), model_config.get("d_model", 0),
                                 cfg.seq_len)
     peak = peak_flops(run.device, run.precision.name, cfg.peak_flops) if run.info.is_main else 0.0
     logger = TrainLogger(live_dir if run.info.is_main else None, resume_step=start)
@@ -307,11 +312,6 @@ def _router_stats(model: nn.Module) -> dict[str, float]:
 
 def _str(path: Path | None, info: DistInfo) -> str | None:
     return str(path) if path is not None and info.is_main else None
-
-
-def _cfg_int(model_config: dict[str, Any], key: str) -> int:
-    value = model_config.get(key)
-    return int(value) if value is not None else 0
 
 
 def _broadcast_path(path: Path | None, info: DistInfo) -> Path | None:
