@@ -251,3 +251,17 @@ def test_moe_model_trains_and_logs_router_load(shards, tmp_path):
                     live_dir=tmp_path / "live")
     assert math.isfinite(result.val_loss)
     assert list((tmp_path / "live/plots/metrics/moe").rglob("*.tsv"))  # expert load per layer
+
+
+def test_fp16_with_grad_scaler_trains_and_resumes_exactly(shards, tmp_path):
+    """The GPU-only-in-practice fp16 path (autocast fp16 + GradScaler), run on CPU: scaler state is checkpointed."""
+    c = cfg(precision="fp16", max_steps=4, checkpoint_every=2, eval_every=2)
+    full, _ = run(tiny_model(), c, shards, tmp_path / "full")
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_model(), c, (StopAt(shards[0], 2), shards[1]), tmp_path / "resumed")
+    state = CheckpointManager(tmp_path / "resumed").read_state(tmp_path / "resumed/step-000002")
+    assert state["precision"] == "fp16" and state["scaler"]["scale"] > 0
+    resumed, _ = run(tiny_model(seed=7), c, shards, tmp_path / "resumed")
+    assert resumed.resumed_from == 2 and math.isfinite(full.val_loss)
+    (w1, _), (w2, _) = final_state(tmp_path / "full"), final_state(tmp_path / "resumed")
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)

@@ -44,15 +44,16 @@ def cpu_supports_bf16() -> bool:
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
-    """Map `auto` to fp32/bf16/fp16 for this device; reject fp16 off CUDA (GradScaler needs CUDA here)."""
+    """Map `auto` to fp32/bf16/fp16 for this device. fp16 works on CUDA and (slowly, mainly to test the GradScaler
+    path without a GPU) on CPU."""
     if requested == "auto":
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         if device.type == "cpu":
             return "bf16" if cpu_supports_bf16() else "fp32"
         return "fp32"
-    if requested == "fp16" and device.type != "cuda":
-        raise ConfigError(f"precision: fp16 needs a CUDA device (got {device.type}); use bf16 or fp32")
+    if requested == "fp16" and device.type not in ("cuda", "cpu"):
+        raise ConfigError(f"precision: fp16 with loss scaling needs CUDA or CPU (got {device.type}); use fp32")
     return requested
 
 
@@ -73,7 +74,7 @@ class Precision:
         return torch.autocast(device_type=self.device_type, dtype=self.dtype)
 
     def grad_scaler(self) -> torch.amp.GradScaler | None:
-        return torch.amp.GradScaler("cuda") if self.name == "fp16" else None
+        return torch.amp.GradScaler(self.device_type) if self.name == "fp16" else None
 
 
 def seed_everything(seed: int) -> None:
