@@ -171,3 +171,16 @@ def test_presets_describe_the_promised_architectures():
     h = ModelConfig.from_preset("hybrid")
     assert [h.is_moe_layer(i) for i in range(h.n_layers)] == [False, True, False, True]
     assert set(PRESETS) >= {"gpt2", "seed", "tiny", "gpt2-124m", "qwen3-style", "moe", "hybrid"}
+
+
+@pytest.mark.parametrize("top_k, capacity", [(1, None), (2, 0.5)])
+def test_single_token_decode_path_equals_the_dispatch_path(top_k, capacity):
+    torch.manual_seed(0)
+    moe = MoE(small("moe", moe_top_k=top_k, moe_capacity_factor=capacity))
+    torch.nn.init.normal_(moe.router.weight, std=0.5)
+    x = torch.randn(1, 1, 32)
+    dispatched = moe(x)  # autograd on: the sort/scatter path
+    dispatched_stats = {k: v.clone() for k, v in moe.stats.items()}
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x), dispatched.detach())
+    assert all(torch.equal(moe.stats[k], v) for k, v in dispatched_stats.items())

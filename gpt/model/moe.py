@@ -24,6 +24,8 @@ from gpt.model.config import ModelConfig
 from gpt.model.linear import Linear
 from gpt.model.mlp import SwiGLU
 
+SINGLE_TOKEN_PATH = 1  # inference calls with this many tokens (1 = batch-1 decoding) skip the sort/scatter
+
 
 class MoE(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
@@ -54,6 +56,9 @@ class MoE(nn.Module):
         B, T, C = x.shape
         xf = x.reshape(B * T, C)  # (N, C)
         probs, weights, experts = self.route(xf)
+        if B * T <= SINGLE_TOKEN_PATH and not torch.is_grad_enabled():  # a decode step: no dispatch machinery
+            out = self._one_token(xf, probs, weights, experts).view(B, T, C)
+            return out + self.shared(x) if self.shared is not None else out
         flat_experts = experts.reshape(-1)  # (N*k,) assignment a belongs to token a // k
         order = flat_experts.argsort(stable=True)
         sorted_experts = flat_experts[order]
@@ -69,6 +74,16 @@ class MoE(nn.Module):
         self._record(probs, counts, kept_counts, B * T)
         out = self.dropout(out.view(B, T, C))
         return out + self.shared(x) if self.shared is not None else out
+
+    def _one_token(self, xf, probs, weights, experts) -> torch.Tensor:
+        """The same computation for a single token (capacity never binds: its k experts are distinct)."""
+        out = torch.zeros_like(xf)
+        for w, e in zip(weights[0].tolist(), experts[0].tolist()):
+            gate, up = (xf @ self.experts_gate_up[e]).chunk(2, dim=-1)
+            out += w * ((F.silu(gate) * up) @ self.experts_proj[e])
+        counts = torch.bincount(experts[0], minlength=self.n_experts)
+        self._record(probs, counts, counts, 1)
+        return out
 
     def _run_experts(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(xs)
