@@ -98,12 +98,20 @@ def bench_preset(preset: str, train: TokenShards, val_windows: torch.Tensor, arg
     return row
 
 
+NOTES = """Notes. Same data order, optimizer, schedule and seed for every preset; only the architecture differs. The
+budget is small (a few minutes of CPU), so the val-loss ranking says which block learns fastest early, not which
+is best at scale. "Active / token" excludes the embedding (same for all) and counts only the routed experts a token
+uses. KV cache per token = 2 x layers x n_kv_heads x head_dim x 4 bytes: GQA with 2 of 4 KV heads halves it. MoE
+decode at batch 1 pays for routing and per-expert calls on top of the same active weights, so it is slower here
+although it reads no more weights per token."""
+
+
 def markdown(rows: list[dict], info: dict, args) -> str:
     lines = [
         f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} with {info['torch_threads']} threads; "
         f"load average before/after: {info['load_before']} / {info['load_after']}. Training: {args.steps} steps x "
         f"{args.batch_size} x {args.seq_len} tokens = {rows[0]['train_tokens']:,} tokens, AdamW lr {args.lr} "
-        f"(warmup {args.warmup}, cosine), {args.precision}; validation on {len(args.val_windows_used)} windows.",
+        f"(warmup {args.warmup}, cosine), {args.precision}; validation on {args.val_windows_used} windows.",
         "",
         "| preset | params total | active / token (non-emb.) | train tok/s | val loss | decode tok/s (fp32, batch 1) "
         "| KV cache / token (fp32) |",
@@ -114,7 +122,7 @@ def markdown(rows: list[dict], info: dict, args) -> str:
             f"| {PRESET_LABELS.get(r['preset'], r['preset'])} | {r['params_total'] / 1e6:.2f}M | "
             f"{r['params_active_non_embedding'] / 1e6:.3f}M | {r['train_tok_s']:,.0f} | {r['val_loss']:.3f} | "
             f"{r['decode_tok_s']:.0f} | {r['kv_bytes_per_token_fp32']:,} B |")
-    return "\n".join(lines)
+    return "\n".join(lines + ["", NOTES])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -138,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     shards = load_paths().shards
     train, val = TokenShards(shards / "train"), TokenShards(shards / "val")
     val_windows = torch.stack(list(val.iter_windows(args.seq_len, max_windows=args.val_windows))).long()
-    args.val_windows_used = val_windows
+    args.val_windows_used = len(val_windows)
     info = machine()
     rows = []
     for preset in args.presets.split(","):
@@ -146,7 +154,8 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(rows[-1]), flush=True)
     info["load_before"], info["load_after"] = info.pop("load_avg"), [round(x, 2) for x in os.getloadavg()]
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"machine": info, "rows": rows}, indent=2))
+    settings = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str))}
+    args.json.write_text(json.dumps({"machine": info, "settings": settings, "rows": rows}, indent=2))
     text = markdown(rows, info, args)
     print(text)
     if args.write:
