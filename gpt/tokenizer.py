@@ -114,7 +114,7 @@ class Tokenizer:
 class TokenizerConfig:
     """params.yaml `tokenizer:` — sentencepiece BPE training."""
 
-    vocab_size: int = 4096
+    vocab_size: int = 8192
     character_coverage: float = 0.9995
     byte_fallback: bool = True
     # Training "sentences" are paragraphs (text between blank lines, so "\n" and indentation are learned, not
