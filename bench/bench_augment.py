@@ -5,20 +5,20 @@ document.
     .venv/bin/python -m bench.bench_augment [--docs 79] [--repeats 2] [--marian-model DIR]
 
 Corpus: the `pydoc_data.topics` help texts that ship with Python (79 documents, ~0.5 MB of English). Prints a
-Markdown table; copy it into bench/README.md with the machine and its load (`uptime`).
+Markdown table; `--write` replaces the `augment` section of bench/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
+from bench.common import cpu_name, write_section
 from gpt.augment import AugmentConfig, augment_corpus
 from gpt.augment.marian import MarianConfig
 from gpt.data.corpus import CorpusWriter
@@ -49,6 +49,7 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=79)
     parser.add_argument("--repeats", type=int, default=2, help="best of N runs per configuration")
     parser.add_argument("--marian-model", help="a local seq2seq model directory to include")
+    parser.add_argument("--write", action="store_true", help="replace this benchmark's section in bench/README.md")
     args = parser.parse_args()
     rows = corpus_rows(args.docs)
     chars = sum(len(r["text"]) for r in rows)
@@ -78,14 +79,16 @@ def main() -> None:
             best = min((stage_run(corpus, cfg) for _ in range(args.repeats)), key=lambda m: m["elapsed_s"])
             results.append((label, best["elapsed_s"], best))
     load = os.getloadavg()
-    print(f"{len(rows)} documents, {chars / 1e3:.0f} kB; {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; best of {args.repeats}\n")
-    print("| configuration | seconds | source chars/s | vs peer |")
-    print("|---|---:|---:|---:|")
+    lines = [f"{len(rows)} documents, {chars / 1e3:.0f} kB; {cpu_name()}, {os.cpu_count()} cores; "
+             f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; best of {args.repeats}", "",
+             "| configuration | seconds | source chars/s | vs peer |", "|---|---:|---:|---:|"]
     for label, seconds, _ in results:
         ratio = f"{peer / seconds:.2f}×" if peer else "–"
-        print(f"| {label} | {seconds:.2f} | {chars / seconds:,.0f} | {ratio} |")
-
+        lines.append(f"| {label} | {seconds:.2f} | {chars / seconds:,.0f} | {ratio} |")
+    text = "\n".join(lines)
+    print(text)
+    if args.write:
+        write_section("augment", "Translation augmentation throughput (`bench/bench_augment.py`, issue 5)", text)
 
 if __name__ == "__main__":
     main()

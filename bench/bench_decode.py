@@ -28,24 +28,14 @@ from pathlib import Path
 
 import torch
 
+from bench.common import write_section
 from gpt.hf import to_hf_gpt2
 from gpt.model import DecoderOnlyTransformer, ModelConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-README = Path(__file__).with_name("README.md")
 
 
-def write_section(name: str, title: str, text: str) -> None:
-    """Replace the `<!-- bench:name -->` section of bench/README.md (create the file if needed)."""
-    begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
-    section = f"{begin}\n## {title}\n\n{text}\n{end}"
-    current = README.read_text(encoding="utf-8") if README.exists() else "# Benchmarks\n"
-    if begin in current and end in current:
-        head, rest = current.split(begin, 1)
-        current = head + section + rest.split(end, 1)[1]
-    else:
-        current = current.rstrip("\n") + "\n\n" + section + "\n"
-    README.write_text(current, encoding="utf-8")
+
 
 
 def machine() -> dict:

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bench.common import write_section
 from gpt.checkpoint import save_model
 from gpt.config import load_paths
 from gpt.model import DecoderOnlyTransformer, ModelConfig
@@ -149,6 +150,7 @@ def main() -> None:
     parser.add_argument("--trained", type=Path, default=None, help="trained model dir (default: paths.model)")
     parser.add_argument("--layers", action="store_true", help="only the per-layer kernel table (ms per matmul)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--write", action="store_true", help="replace this benchmark's section in bench/README.md")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -170,10 +172,11 @@ def main() -> None:
                                     val if (val / "manifest.json").is_file() else None)
             else:
                 print(f"skipping the trained model: {trained}/model.safetensors not found (run `make repro`)")
+    text = f"{markdown(rows)}\n\n{machine()}"
     print()
-    print(markdown(rows))
-    print()
-    print(machine())
+    print(text)
+    if args.write:
+        write_section("quantize", "Quantization: size, decode speed, perplexity (`bench/bench_quantize.py`, issue 6)", text)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.common import write_section
+
 
 def _peak_rss_mb() -> float:
     """This process's peak RSS. (ru_maxrss would not do: Linux carries the parent's peak across fork+exec.)"""
@@ -86,7 +88,6 @@ def run_child(mode: str, corpus: Path, tokenizer_dir: Path, threads: int, out: P
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-README = Path(__file__).with_name("README.md")
 ABOUT = """`python -m bench.bench_tokenize` times the `tokenize` stage code (`tokenize_split` on train and val: read
 Parquet, batch-encode on all cores, write uint16 Arrow shards + manifests) against plain sentencepiece on the same
 texts, tokenizer and thread count: `peer` = one `SentencePieceProcessor.encode(texts, num_threads=N)` call on texts
@@ -102,17 +103,7 @@ it. Ours holds at most two batches (`tokenize.batch_bytes`, 8 MiB) of text and i
 with corpus size; the peer holds every text and every id list."""
 
 
-def write_section(name: str, title: str, text: str) -> None:
-    """Replace the `<!-- bench:name -->` section of bench/README.md (create the file if needed)."""
-    begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
-    section = f"{begin}\n## {title}\n\n{text}\n{end}"
-    current = README.read_text(encoding="utf-8") if README.exists() else "# Benchmarks\n"
-    if begin in current and end in current:
-        head, rest = current.split(begin, 1)
-        current = head + section + rest.split(end, 1)[1]
-    else:
-        current = current.rstrip("\n") + "\n\n" + section + "\n"
-    README.write_text(current, encoding="utf-8")
+
 
 
 def cpu_name() -> str:

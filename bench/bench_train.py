@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from bench.common import write_section
 from gpt.model import DecoderOnlyTransformer, ModelConfig
 from gpt.train.metrics import flops_per_token, measure_matmul_flops
 
@@ -91,8 +92,6 @@ def bench_pair(preset: str, precision: str, steps: int) -> dict:
 
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
-README = Path(__file__).with_name("README.md")
-BEGIN, END = "<!-- bench:train -->", "<!-- /bench:train -->"
 
 
 def run_child(args: argparse.Namespace, malloc: bool, out: Path) -> list[dict]:
@@ -142,15 +141,7 @@ def table(rows: list[dict], load_before: float, load_after: float) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str) -> None:
-    section = f"{BEGIN}\n## Training throughput: ours vs HF GPT2LMHeadModel (bench/bench_train.py)\n\n{text}\n{END}"
-    current = README.read_text(encoding="utf-8") if README.exists() else "# Benchmarks\n"
-    if BEGIN in current and END in current:
-        head, rest = current.split(BEGIN, 1)
-        current = head + section + rest.split(END, 1)[1]
-    else:
-        current = current.rstrip("\n") + "\n\n" + section + "\n"
-    README.write_text(current, encoding="utf-8")
+
 
 
 def main() -> None:
@@ -177,7 +168,7 @@ def main() -> None:
     print(text)
     args.out.write_text(json.dumps({"rows": rows}, indent=2))
     if args.write:
-        write_section(text)
+        write_section("train", "Training throughput: ours vs HF GPT2LMHeadModel (bench/bench_train.py)", text)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from bench.bench_decode import machine, write_section
+from bench.bench_decode import machine
+from bench.common import write_section
 from gpt.config import load_paths
 from gpt.data.shards import TokenShards
 from gpt.model import DecoderOnlyTransformer, ModelConfig

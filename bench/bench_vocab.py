@@ -112,7 +112,7 @@ def main() -> None:
     lines += ["", f"Load average after: {[round(x, 2) for x in os.getloadavg()]}."]
     print(lines[-1])
     if args.write:
-        from bench.bench_tokenize import write_section
+        from bench.common import write_section
 
         write_section("vocab", "Tokenizer vocabulary size vs tiny-model bits per byte (`bench/bench_vocab.py`)",
                       ABOUT + "\n\n" + "\n".join(lines))
