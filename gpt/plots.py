@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,13 +196,13 @@ def render_training_plot(live_dir: Path, out_png: Path, eval_json: Path | None =
 
 def _save_png(fig, out_png: Path) -> Path:
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_png.parent, prefix=f".{out_png.name}.", suffix=".png")
+    tmp = out_png.with_name(f".{out_png.name}.{os.getpid()}.tmp")  # plain open: the file gets the umask's mode
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             # Software=None drops matplotlib's version stamp; PNGs from Agg carry no time by default.
             fig.savefig(f, format="png", dpi=DPI, metadata={"Software": None})
         os.replace(tmp, out_png)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return out_png

@@ -1,4 +1,5 @@
-"""`evaluate` stage: the trained model on the validation shards → metrics/eval.json + metrics/samples.md.
+"""`evaluate` stage: the trained model on the validation shards → metrics/eval.json + metrics/samples.md,
+and the train stage's curves as metrics/training.png (gpt.plots, matplotlib, offline).
 
 Metrics: mean loss, perplexity, bits-per-byte (and the unigram baseline's, from train-split token frequencies),
 token accuracy, decode throughput. Samples: params `evaluate.prompts`, fixed seed, so `git diff` shows changes.
@@ -27,6 +28,7 @@ from gpt.eval import (
     unigram_log_probs,
     unigram_nats,
 )
+from gpt.plots import render_training_plot
 from gpt.tokenizer import Tokenizer
 from gpt.train.device import resolve_precision, select_device
 from gpt.train.export import read_lineage
@@ -77,6 +79,7 @@ def main() -> None:
     write_text_atomic(paths.metrics / "eval.json", json.dumps(metrics, indent=2) + "\n")
     header = f"step {lineage.get('step')}, val bits-per-byte {bpb:.3f} (unigram {unigram_bpb:.3f})"
     write_text_atomic(paths.metrics / "samples.md", samples_markdown(samples, cfg, header))
+    render_training_plot(paths.metrics / "train", paths.metrics / "training.png", paths.metrics / "eval.json")
     logging.info("evaluate: loss %.4f, ppl %.2f, %.3f bits/byte (unigram %.3f), accuracy %.3f, decode %.0f tok/s",
                  stats.mean_loss, metrics["perplexity"], bpb, unigram_bpb, metrics["token_accuracy"], decode_tok_s)
 

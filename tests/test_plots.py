@@ -62,7 +62,7 @@ def test_renders_valid_png_deterministically(live_dir, tmp_path):
     render_training_plot(live_dir, second, eval_json)
     _assert_png(first)
     assert first.read_bytes() == second.read_bytes()
-    assert not [p for p in tmp_path.rglob(".*.png*")]  # no temp files left behind
+    assert not list(tmp_path.rglob("*.tmp"))  # no temp files left behind
 
 
 def test_baseline_line_is_drawn_only_with_a_matching_eval(live_dir, tmp_path):
