@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ import yaml
 from gpt.config import ConfigError
 from gpt.data.shards import ShardWriter, TokenShards
 from gpt.eval import bits_per_byte, score_windows, unigram_log_probs, unigram_nats
+from gpt.model import ModelConfig
 from gpt.tokenizer import Tokenizer, TokenizerConfig, train_tokenizer
 
 PARAMS = {
@@ -197,3 +199,29 @@ def test_the_projects_params_yaml_sections_are_valid():
     model_cfg = model_config_from_params(load_params(params_file)["model"], vocab_size=4096)
     assert train_cfg.seq_len <= model_cfg.max_seq_len
     train_cfg.grad_accum_steps(world_size=1)
+
+
+@pytest.mark.parametrize("preset", ["qwen3-style", "moe", "hybrid"])
+def test_every_architecture_preset_trains_and_generates_through_the_stages(workspace, monkeypatch, tmp_path,
+                                                                           preset):
+    """Issue 7: `dvc exp run -S model.preset=...` = the same train/evaluate stages with another block."""
+    for sub in ("data/tokenizer", "data/shards"):
+        shutil.copytree(workspace / sub, tmp_path / sub)
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path, train={"max_steps": 30, "eval_every": 30, "checkpoint_every": 30})
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["model"] = {"preset": preset, "vocab_size": None, "max_seq_len": 64}  # the preset's own sizes
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    from stages import evaluate, train
+
+    train.main()
+    losses = [float(line.split("\t")[1]) for line in
+              (tmp_path / "metrics/train/plots/metrics/train/loss.tsv").read_text().splitlines()[1:]]
+    assert losses[-1] < losses[0] - 0.5, losses
+    config = json.loads((tmp_path / "data/model/config.json").read_text())["config"]
+    reference = ModelConfig.from_preset(preset)
+    assert (config["position"], config["mlp"], config["n_kv_heads"]) == (
+        reference.position, reference.mlp, reference.n_kv_heads)
+    evaluate.main()
+    samples = (tmp_path / "metrics/samples.md").read_text()
+    assert "The" in samples and json.loads((tmp_path / "metrics/eval.json").read_text())["val_loss"] < math.log(400)
