@@ -241,3 +241,62 @@ def _check_augment(project: Path, metrics: dict, params: dict) -> None:
     lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
     for stage in ("tokenizer", "tokenize"):  # both are built from the augmented corpus
         assert paths["augmented"] in [dep["path"] for dep in lock[stage]["deps"]]
+
+
+# ---- E: using the trained model (gpt CLI); E's request in notes/requests.md, added by F ----
+def _gpt(project: Path, *args: str) -> str:
+    res = subprocess.run([sys.executable, "-m", "gpt.cli", *args], cwd=project, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, f"gpt {' '.join(args)}:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}"
+    return res.stdout
+
+
+@check("use")  # no stage of its own: metrics is {}
+def _check_gpt_cli(project: Path, metrics: dict, params: dict) -> None:
+    import torch
+
+    from gpt.checkpoint import load_model
+    from gpt.tokenizer import Tokenizer
+
+    model_dir = project / params["paths"]["model"]
+    outside = project.parent  # not in the project: the exp-run test below commits the project with `git add -A`
+    # Greedy `gpt generate` prints exactly the Python API's greedy continuation of the same model.
+    printed = _gpt(project, "generate", "-c", str(model_dir), "The", "-m", "5", "-t", "0")
+    tok, model = Tokenizer.load(model_dir), load_model(model_dir).eval()
+    prompt_ids = tok.encode("The")
+    new_ids = model.generate(torch.tensor([prompt_ids]), max_new_tokens=5, temperature=0.0,
+                             eos_token_id=tok.eos_id)[0, len(prompt_ids):].tolist()
+    new_ids = new_ids[: new_ids.index(tok.eos_id)] if tok.eos_id in new_ids else new_ids
+    assert printed == tok.decode(prompt_ids + new_ids) + "\n"
+    info = json.loads(_gpt(project, "info", "-c", str(model_dir), "--json"))
+    assert info["tokenizer"]["matches_lineage"] and info["lineage"]["step"] == params["train"]["max_steps"]
+    assert info["parameters"] == model.num_parameters()
+    _gpt(project, "quantize", "-c", str(model_dir), "--dtype", "int8", "-o", str(outside / "use-int8"))
+    assert _gpt(project, "generate", "-c", str(outside / "use-int8"), "The", "-m", "5", "--seed", "0").startswith("The")
+    _gpt(project, "export", "--format", "hf", "-c", str(model_dir), "-o", str(outside / "use-hf"))
+    assert {p.name for p in (outside / "use-hf").iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json"}
+
+
+# ---- F: the evaluate stage's training-curves PNG, and the dvc.yaml top-level plots ----
+@check("training_png")  # written by the evaluate stage; no metrics file of its own
+def _check_training_png(project: Path, metrics: dict, params: dict) -> None:
+    from PIL import Image
+
+    from gpt.plots import DPI, FIGSIZE, render_training_plot
+
+    metrics_dir = project / params["paths"]["metrics"]
+    png = metrics_dir / "training.png"
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    assert "metrics/training.png" in [out["path"] for out in lock["evaluate"]["outs"]]
+    with Image.open(png) as image:
+        assert image.format == "PNG" and image.size == (round(FIGSIZE[0] * DPI), round(FIGSIZE[1] * DPI))
+    # The stage's picture is exactly what gpt.plots draws from the stage's inputs (eval.json's baseline included).
+    again = render_training_plot(metrics_dir / "train", project.parent / "training-again.png", metrics_dir / "eval.json")
+    assert again.read_bytes() == png.read_bytes()
+    res = subprocess.run([sys.executable, "-m", "dvc", "plots", "show", "--json", "-o", str(project.parent / "plots")],
+                         cwd=project, env=_env(project.parent), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    shown = json.loads(res.stdout)["data"]  # the dvc.yaml top-level `loss` chart: train and val on one chart
+    assert {row["filename"] for row in shown["loss"][0]["content"]["data"]["values"]} == {"train/loss.tsv",
+                                                                                        "val/loss.tsv"}
+    assert shown["metrics/training.png"][0]["type"] == "image"
