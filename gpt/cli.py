@@ -4,8 +4,8 @@
     gpt info      config, parameter count, tokenizer, lineage and size on disk of a model directory
     gpt serve     the web UI + OpenAI-compatible API (gpt/serve/)
     gpt quantize  INT8 / bf16 / fp16 copy of a model directory (gpt/quantize.py)
-    gpt export    Hugging Face directory (GPT-2 layout, safetensors, tokenizer.json) (gpt/export.py)
-    gpt import    a local Hugging Face GPT-2 directory → our model directory (gpt/export.py)
+    gpt export    Hugging Face directory (GPT-2/Llama/Qwen3/Mixtral/Qwen3-MoE, safetensors, tokenizer.json)
+    gpt import    a local Hugging Face directory of those architectures → our model directory (gpt/export.py)
 
 `--checkpoint` defaults to `paths.model` from ./params.yaml (data/model), the train stage's output. Errors print
 one line naming the missing file or the bad value and exit with status 2 (bad usage) or 1 (anything else).
@@ -131,14 +131,17 @@ def _add_conversions(sub: Any) -> None:
 
     export = sub.add_parser("export", help="export to a Hugging Face directory",
                             description="Write a directory that transformers' AutoModelForCausalLM and "
-                                        "AutoTokenizer load offline (GPT-2 layout).")
+                                        "AutoTokenizer load offline, as the transformers architecture that "
+                                        "computes the same function (GPT-2, Llama, Qwen3, Mixtral or Qwen3-MoE; "
+                                        "presets without one, e.g. moe's shared expert, are refused).")
     _add_checkpoint(export)
-    export.add_argument("--format", required=True, choices=["hf"], help="only hf (GPT-2 layout) for now")
+    export.add_argument("--format", required=True, choices=["hf"], help="hf: a transformers model directory")
     export.add_argument("--out", "-o", type=Path, required=True, help="output directory (must not exist)")
 
-    imp = sub.add_parser("import", help="import a local Hugging Face GPT-2 directory",
-                         description="Convert a local GPT-2-format Hugging Face directory (config.json, "
-                                     "model.safetensors, tokenizer) into a model directory for generate/serve.")
+    imp = sub.add_parser("import", help="import a local Hugging Face model directory",
+                         description="Convert a local Hugging Face GPT-2, Llama, Qwen3, Mixtral or Qwen3-MoE "
+                                     "directory (config.json, safetensors weights, tokenizer) into a model "
+                                     "directory for generate/serve.")
     imp.add_argument("--from", dest="source_format", required=True, choices=["hf"])
     imp.add_argument("source", type=Path, metavar="DIR", help="the Hugging Face model directory")
     imp.add_argument("--out", "-o", type=Path, required=True, help="output model directory (must not exist)")

@@ -1,8 +1,11 @@
 """Hugging Face interchange: `export_hf` writes a directory that `transformers` loads offline with
-`AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained`; `import_hf` turns a local GPT-2-format
-directory into one of our model directories (for `gpt generate`/`serve`/`info`).
+`AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained`; `import_hf` turns a local GPT-2, Llama,
+Qwen3, Mixtral or Qwen3-MoE directory into one of our model directories (for `gpt generate`/`serve`/`info`).
 
-Weights go through gpt.hf (A's GPT-2 state-dict conversion); this module adds the files around them.
+Weights go through gpt.hf (A's conversions): `hf_architecture` picks the transformers class that computes exactly
+what a config computes, `to_hf`/`from_hf` map the weights; this module adds the files around them. Import loads
+through transformers itself (safetensors only) because its MoE checkpoints are saved per expert
+(`block_sparse_moe.experts.N.w1`), a layout transformers converts on load.
 
 The tokenizer: our sentencepiece BPE model becomes a `tokenizers` BPE with byte fallback in `tokenizer.json`,
 built here from the model file itself. SentencePiece's `.model` is a protobuf; we read the few fields we need
@@ -205,12 +208,32 @@ def _fill_atomically(out: Path, fill) -> Path:
     return out
 
 
+_EXPORTABLE = ("GPT-2 blocks (layernorm, learned positions, gelu) -> GPT-2; rope+rmsnorm+swiglu -> Llama, "
+               "with qk_norm -> Qwen3; MoE without a shared expert -> Mixtral, with qk_norm -> Qwen3-MoE")
+
+
+def exportable_presets() -> list[str]:
+    """The model presets that have a transformers twin (as decided by gpt.hf.hf_architecture)."""
+    from gpt.hf import hf_architecture
+    from gpt.model import PRESETS, ModelConfig
+
+    names = []
+    for name in sorted(PRESETS):
+        try:
+            hf_architecture(ModelConfig.from_preset(name))
+        except ValueError:
+            continue
+        names.append(name)
+    return names
+
+
 def export_hf(src: str | Path, out: str | Path) -> Path:
-    """Write `out`: config.json + model.safetensors (GPT2LMHeadModel) + tokenizer.json and its configs."""
+    """Write `out`: config.json + model.safetensors of the matching transformers causal LM (GPT-2, Llama, Qwen3,
+    Mixtral or Qwen3-MoE) + tokenizer.json and its configs."""
     from transformers import PreTrainedTokenizerFast
 
     from gpt.checkpoint import load_model
-    from gpt.hf import check_gpt2_compatible, to_hf_gpt2
+    from gpt.hf import hf_architecture, to_hf
     from gpt.serve.loading import check_model_dir, quantization_info
     from gpt.tokenizer import Tokenizer
 
@@ -222,10 +245,11 @@ def export_hf(src: str | Path, out: str | Path) -> Path:
     spm_tok = Tokenizer.load(src / "tokenizer.model")
     model = load_model(src)
     try:
-        check_gpt2_compatible(model.config)
+        hf_architecture(model.config)
     except ValueError as err:
-        raise ExportError(f"{src}: cannot export as GPT-2: {err}") from None
-    hf_model = to_hf_gpt2(model, bos_token_id=spm_tok.bos_id, eos_token_id=spm_tok.eos_id)
+        raise ExportError(f"{src}: cannot export to Hugging Face: {err}. Exportable: {_EXPORTABLE} "
+                          f"(presets: {', '.join(exportable_presets())})") from None
+    hf_model = to_hf(model, bos_token_id=spm_tok.bos_id, eos_token_id=spm_tok.eos_id)
     fast = PreTrainedTokenizerFast(tokenizer_object=build_hf_tokenizer(spm_tok.model_bytes),
                                    model_max_length=model.config.max_seq_len, split_special_tokens=True,
                                    **_special_tokens(spm_tok))
@@ -239,25 +263,14 @@ def export_hf(src: str | Path, out: str | Path) -> Path:
     return _fill_atomically(Path(out), fill)
 
 
-def _read_hf_state(src: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    index = src / "model.safetensors.index.json"
-    if (src / "model.safetensors").is_file():
-        files = [src / "model.safetensors"]
-    elif index.is_file():
-        files = sorted({src / f for f in json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()})
-    elif any(src.glob("*.bin")) or any(src.glob("*.pt")):
+def _check_safetensors(src: Path) -> None:
+    """Refuse a directory without safetensors weights before transformers looks at it (it would unpickle *.bin)."""
+    if (src / "model.safetensors").is_file() or (src / "model.safetensors.index.json").is_file():
+        return
+    if any(src.glob("*.bin")) or any(src.glob("*.pt")):
         raise ExportError(f"{src} has only pickled weights (*.bin/*.pt); we never unpickle. Convert them to "
                           "model.safetensors first (transformers: save_pretrained(..., safe_serialization=True))")
-    else:
-        raise ExportError(f"missing {src / 'model.safetensors'}")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    # checkpoints saved from GPT2Model (like the original `gpt2`) lack the "transformer." prefix
-    return {k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}": v.float()
-            for k, v in state.items()}
+    raise ExportError(f"missing {src / 'model.safetensors'}")
 
 
 def _copy_hf_tokenizer(src: Path, dst: Path) -> None:
@@ -282,33 +295,50 @@ def _copy_hf_tokenizer(src: Path, dst: Path) -> None:
             shutil.copy2(src / name, dst / name)
 
 
-def import_hf(src: str | Path, out: str | Path) -> Path:
-    """A local Hugging Face GPT-2 directory → our model directory (weights, config, tokenizer, lineage)."""
-    from transformers import GPT2Config
+def _load_hf_model(src: Path) -> Any:
+    """The transformers causal LM in `src` (local files and safetensors only), in float32; every tensor present."""
+    from transformers import AutoModelForCausalLM
 
+    from gpt.hf import HF_CLASSES
+
+    if not (src / "config.json").is_file():
+        raise ExportError(f"missing {src / 'config.json'} (is {src} a Hugging Face model directory?)")
+    model_type = json.loads((src / "config.json").read_text(encoding="utf-8")).get("model_type")
+    if model_type not in HF_CLASSES:
+        raise ExportError(f"{src / 'config.json'}: model_type {model_type!r}; supported: {', '.join(HF_CLASSES)}")
+    _check_safetensors(src)
+    try:
+        hf_model, info = AutoModelForCausalLM.from_pretrained(
+            src, local_files_only=True, use_safetensors=True, dtype=torch.float32, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise ExportError(f"{src}: transformers cannot load it: {err}") from None
+    missing = sorted(info["missing_keys"]) + sorted(info["mismatched_keys"])
+    if missing:
+        raise ExportError(f"{src}: weights lack or mis-shape {len(missing)} tensor(s), e.g. {missing[0]}")
+    return hf_model.eval()
+
+
+def import_hf(src: str | Path, out: str | Path) -> Path:
+    """A local Hugging Face GPT-2 / Llama / Qwen3 / Mixtral / Qwen3-MoE directory → our model directory
+    (weights, config, tokenizer, lineage)."""
     from gpt.checkpoint import save_model
-    from gpt.hf import from_hf_gpt2_state_dict, gpt2_config_from_hf
+    from gpt.hf import from_hf
     from gpt.model import DecoderOnlyTransformer
 
     src = Path(src)
-    if not (src / "config.json").is_file():
-        raise ExportError(f"missing {src / 'config.json'} (is {src} a Hugging Face model directory?)")
-    raw = json.loads((src / "config.json").read_text(encoding="utf-8"))
-    if raw.get("model_type") != "gpt2":
-        raise ExportError(f"{src / 'config.json'}: model_type {raw.get('model_type')!r}; only 'gpt2' is supported")
-    config = gpt2_config_from_hf(GPT2Config.from_dict(raw)).replace(dropout=0.0)
-    state = _read_hf_state(src)
+    hf_model = _load_hf_model(src)
     try:
-        ours = from_hf_gpt2_state_dict(state, config)
-    except KeyError as err:
-        raise ExportError(f"{src}: weights lack tensor {err} for a {config.n_layers}-layer GPT-2") from None
-    model = DecoderOnlyTransformer(config)
-    model.load_state_dict(ours, strict=not config.tie_embeddings)
+        converted = from_hf(hf_model)
+    except ValueError as err:
+        raise ExportError(f"{src}: {err}") from None
+    # inference copies carry no dropout (transformers configs default to e.g. GPT-2's 0.1)
+    model = DecoderOnlyTransformer(converted.config.replace(dropout=0.0))
+    model.load_state_dict(converted.state_dict())
+    lineage = {"imported_from": str(src.resolve()), "format": f"hf-{hf_model.config.model_type}"}
 
     def fill(tmp: Path) -> None:
-        save_model(model.eval(), tmp, metadata={"imported_from": str(src.resolve()), "format": "hf-gpt2"})
+        save_model(model.eval(), tmp, metadata=lineage)
         _copy_hf_tokenizer(src, tmp)
-        lineage = {"imported_from": str(src.resolve()), "format": "hf-gpt2"}
         (tmp / "lineage.json").write_text(json.dumps(lineage, indent=2) + "\n", encoding="utf-8")
 
     return _fill_atomically(Path(out), fill)

@@ -4,12 +4,14 @@ ids equal ours; a GPT-2-format directory imports back to the same model."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 
 from gpt.checkpoint import load_model
 from gpt.export import ExportError, build_hf_tokenizer, export_hf, import_hf, read_spm_model
+from gpt.hf import to_hf_config
 from gpt.serve.loading import load_tokenizer
 from gpt.tokenizer import Tokenizer
 
@@ -92,3 +94,77 @@ def test_import_errors_name_the_problem(hf_dir, tmp_path):
         import_hf(pickled, tmp_path / "out")
     with pytest.raises(ExportError, match="already exists"):
         import_hf(hf_dir, hf_dir)
+
+
+# ---------------------------------------------------------------- the other architectures (gpt.hf.hf_architecture)
+SMALL = dict(d_model=32, n_layers=2, n_heads=4, max_seq_len=64, d_ff=48)  # hybrid: layer 0 dense, layer 1 MoE
+
+
+def preset_model_dir(tiny_model_dir, root, preset: str, **overrides):
+    """`tiny_model_dir`'s tokenizer with a small random `preset` model; norms and routers perturbed so that a
+    swapped q/k norm or a wrong expert layout would change the logits."""
+    from gpt.checkpoint import save_model
+    from gpt.model import DecoderOnlyTransformer, ModelConfig
+
+    torch.manual_seed(0)
+    vocab_size = Tokenizer.load(tiny_model_dir).vocab_size
+    config = ModelConfig.from_preset(preset, vocab_size=vocab_size, **{**SMALL, **overrides})
+    if config.moe_n_experts:
+        config = config.replace(moe_d_ff=24)
+    model = DecoderOnlyTransformer(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.2 * torch.randn_like(p))
+            if "router" in name:
+                p.mul_(20)
+    save_model(model, root / preset)
+    shutil.copy(tiny_model_dir / "tokenizer.model", root / preset / "tokenizer.model")
+    return root / preset
+
+
+ARCHITECTURES = {  # HF class: (preset, overrides)
+    "Qwen3ForCausalLM": ("qwen3-style", {}),
+    "Qwen3MoeForCausalLM": ("hybrid", {}),
+    "LlamaForCausalLM": ("qwen3-style", dict(qk_norm=False)),
+    # transformers saves Mixtral experts one by one (block_sparse_moe.experts.N.w1), so import must convert
+    "MixtralForCausalLM": ("moe", dict(moe_shared_expert=False, moe_norm_topk=True, moe_top_k=2)),
+}
+
+
+@pytest.mark.parametrize("hf_class", ARCHITECTURES)
+def test_rope_and_moe_presets_export_and_import_with_equal_logits(hf_class, tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    preset, overrides = ARCHITECTURES[hf_class]
+    src = preset_model_dir(tiny_model_dir, tmp_path, preset, **overrides)
+    hf_dir = export_hf(src, tmp_path / "hf")
+    hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True).eval()
+    assert type(hf_model).__name__ == hf_class
+    ours, tok = load_model(src), Tokenizer.load(src)
+    hf_tok = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
+    assert hf_tok(STRINGS[2], add_special_tokens=False)["input_ids"] == tok.encode(STRINGS[2])
+    ids = torch.tensor([tok.encode("the cat saw the dog by the river")])
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(ids).logits, ours(ids)[0], atol=1e-4, rtol=0)
+    greedy = ours.generate(ids, 12, temperature=0.0)
+    hf_greedy = hf_model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    assert hf_greedy.tolist() == greedy.tolist()
+
+    back = load_model(import_hf(hf_dir, tmp_path / "imported"))
+    # same function; Mixtral has no dense d_ff to round-trip, so configs are compared as transformers sees them
+    assert to_hf_config(back.config).to_dict() == to_hf_config(ours.config).to_dict()
+    with torch.no_grad():
+        assert torch.equal(back(ids)[0], ours(ids)[0])
+    assert json.loads((tmp_path / "imported" / "lineage.json").read_text())["format"] == f"hf-{hf_model.config.model_type}"
+
+
+def test_moe_preset_export_fails_with_a_one_line_reason(tiny_model_dir, tmp_path, capsys):
+    from gpt.cli import main
+
+    src = preset_model_dir(tiny_model_dir, tmp_path, "moe")
+    assert main(["export", "--format", "hf", "-c", str(src), "-o", str(tmp_path / "hf")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("gpt export: error:")
+    assert "shared expert" in err and "Mixtral" in err and "qwen3-style" in err
+    assert not (tmp_path / "hf").exists()
