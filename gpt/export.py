@@ -21,16 +21,16 @@ tests/test_export.py checks ids equal ours on non-ASCII, byte-fallback, whitespa
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from gpt.data.atomic import atomic_directory
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
@@ -194,17 +194,12 @@ def _special_tokens(spm_tokenizer: Any) -> dict[str, str]:
 
 # ---------------------------------------------------------------- directories
 def _fill_atomically(out: Path, fill) -> Path:
+    """Create the new directory `out` by filling a temp sibling and renaming it into place (gpt.data.atomic)."""
     out = Path(out)
     if out.exists():
         raise ExportError(f"output directory already exists: {out} (choose a new --out)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
+    with atomic_directory(out) as tmp:
         fill(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -21,9 +21,7 @@ bf16 / fp16: the weights cast and saved with `gpt.checkpoint.save_model`; loaded
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from gpt.data.atomic import atomic_directory
 
 QUANT_FILE = "quantization.json"
 FORMAT = "gpt-pipeline-quantized"
@@ -123,18 +123,12 @@ def _int8_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
 
 
 def _write_dir_atomic(out: Path, fill) -> Path:
-    """Create `out` by filling a temp sibling directory and renaming it into place."""
+    """Create the new directory `out` by filling a temp sibling and renaming it into place (gpt.data.atomic)."""
     out = Path(out)
     if out.exists():
         raise QuantizeError(f"output directory already exists: {out} (choose a new --out)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
+    with atomic_directory(out) as tmp:
         fill(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
