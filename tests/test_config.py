@@ -3,7 +3,7 @@
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import pytest
 
@@ -16,7 +16,7 @@ class Section:
     steps: int = 10
     mode: Literal["cosine", "wsd"] = "cosine"
     prompts: list[str] = field(default_factory=list)
-    seed: Optional[int] = None
+    seed: int | None = None
     out: Path = Path("out")
 
 
