@@ -4,6 +4,7 @@ sentencepiece BPE tokenizer, built once per session in seconds."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 
@@ -32,3 +33,35 @@ def tiny_model_dir(tmp_path_factory):
     lineage = {"tokenizer_sha256": tok.sha256, "step": 0, "val_loss": None}
     (model_dir / "lineage.json").write_text(json.dumps(lineage), encoding="utf-8")
     return model_dir
+
+
+@contextlib.contextmanager
+def live_server(app):
+    """Run an ASGI app under a real uvicorn on a free 127.0.0.1 port in a thread; yields its base URL."""
+    import socket
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.05)
+    else:
+        raise RuntimeError(f"uvicorn did not answer on {url} within 10 s")
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -4,8 +4,6 @@ browser) loads the web UI, streams a completion into the page, and stops a long 
 from __future__ import annotations
 
 import shutil
-import socket
-import threading
 import time
 
 import httpx
@@ -14,6 +12,7 @@ import pytest
 from gpt.serve.app import create_app
 from gpt.serve.config import ServeConfig
 from gpt.serve.loading import load_for_inference
+from tests.conftest import live_server
 
 pytestmark = pytest.mark.slow
 
@@ -25,25 +24,9 @@ PROMPT = "the cat saw"
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    app = create_app(load_for_inference(tiny_model_dir, name="tiny"), ServeConfig(port=port, max_tokens=100_000))
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            httpx.get(url + "/health")
-            break
-        except httpx.TransportError:
-            time.sleep(0.05)
-    yield url, app
-    srv.should_exit = True
-    thread.join(timeout=10)
+    app = create_app(load_for_inference(tiny_model_dir, name="tiny"), ServeConfig(max_tokens=100_000))
+    with live_server(app) as url:
+        yield url, app
 
 
 @pytest.fixture(scope="module")

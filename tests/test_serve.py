@@ -4,7 +4,6 @@ worker, concurrent requests, client disconnects, and the `openai` client against
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 
@@ -17,6 +16,7 @@ from gpt.serve.app import create_app
 from gpt.serve.config import ServeConfig
 from gpt.serve.engine import Job, QueueFull, SamplingParams, TextStream, Worker, stream_completion
 from gpt.serve.loading import load_for_inference
+from tests.conftest import live_server
 
 PROMPT = "the cat saw"
 
@@ -200,32 +200,11 @@ def test_engine_stops_when_cancelled(loaded):
 
 
 # ---- a real server on a free port: concurrency, disconnects, the openai client ----
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(loaded):
-    import uvicorn
-
-    port = _free_port()
-    cfg = ServeConfig(port=port, max_tokens=100_000, max_n=3)
-    app = create_app(loaded, cfg)
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.05)
-    yield url, app
-    srv.should_exit = True
-    thread.join(timeout=10)
+    app = create_app(loaded, ServeConfig(max_tokens=100_000, max_n=3))
+    with live_server(app) as url:
+        yield url, app
 
 
 def test_two_simultaneous_requests_are_both_correct(server):
