@@ -85,4 +85,12 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Bad params, a missing/mismatched model or shards: one line naming the cause, not a traceback
+    from gpt.checkpoint import CheckpointError
+    from gpt.config import ConfigError
+    from gpt.data.shards import ShardError
+
+    try:
+        main()
+    except (ConfigError, CheckpointError, ShardError) as err:
+        raise SystemExit(f"error: {err}") from None

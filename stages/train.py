@@ -67,4 +67,12 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Bad params, mismatched shards/tokenizer, a refused resume or a diverged run: one line naming the cause
+    from gpt.data.shards import ShardError
+    from gpt.train.checkpoints import ResumeError
+    from gpt.train.loop import NonFiniteLossError
+
+    try:
+        main()
+    except (ConfigError, ShardError, ResumeError, NonFiniteLossError) as err:
+        raise SystemExit(f"error: {err}") from None

@@ -85,9 +85,12 @@ def test_train_then_evaluate_writes_the_promised_outputs(workspace, monkeypatch)
 
     # re-running the finished stage resumes at the end: same model, no retraining
     before = safetensors.torch.load_file(model_dir / "model.safetensors")
+    summary_before = json.loads((workspace / "metrics/train/metrics.json").read_text())
     train.main()
     after = safetensors.torch.load_file(model_dir / "model.safetensors")
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    # ... and keeps the metrics the real run measured (no "0 tokens/s" from the no-op re-export)
+    assert json.loads((workspace / "metrics/train/metrics.json").read_text()) == summary_before
 
 
 def test_vocab_smaller_than_tokenizer_is_a_clear_error(workspace, monkeypatch, tmp_path):

@@ -299,7 +299,10 @@ def train(model: nn.Module, cfg: TrainConfig, train_data: BatchSource, val_data:
                          mfu=avg_tok_s * flops_tok / peak if peak else 0.0, resumed_from=start,
                          nonfinite_skipped=skipped, best_checkpoint=_str(manager.best(), run.info),
                          last_checkpoint=_str(last_ckpt or manager.latest(), run.info))
-    logger.summary({"final/val_loss": val_loss, "final/tokens_per_s": avg_tok_s, "final/mfu": result.mfu})
+    summary = {"final/val_loss": val_loss}
+    if cfg.max_steps > start:  # a finished run that is only re-exported keeps the throughput it measured
+        summary.update({"final/tokens_per_s": avg_tok_s, "final/mfu": result.mfu})
+    logger.summary(summary)
     logger.close()
     return result, run
 
