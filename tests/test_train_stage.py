@@ -186,6 +186,9 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_model(workspace, tmp_path):
     a = safetensors.torch.load_file(runs["plain"] / "data/model/model.safetensors")
     b = safetensors.torch.load_file(runs["killed"] / "data/model/model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the loss curve of the resumed run is the uninterrupted one, byte for byte (same rows, same line endings)
+    curve = "metrics/train/plots/metrics/train/loss.tsv"
+    assert (runs["killed"] / curve).read_bytes() == (runs["plain"] / curve).read_bytes()
 
 
 def test_the_projects_params_yaml_sections_are_valid():

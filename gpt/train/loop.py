@@ -274,7 +274,7 @@ def train(model: nn.Module, cfg: TrainConfig, train_data: BatchSource, val_data:
         tokens, clock.steps, done = tokens + tokens_per_step, clock.steps + 1, step + 1
         is_ckpt = done % cfg.checkpoint_every == 0 or done == cfg.max_steps
         metrics = {}
-        if done % cfg.log_every == 0 or is_ckpt or done == start + 1:
+        if done % cfg.log_every == 0 or is_ckpt or done == 1:  # same rows whether or not the run was resumed
             tok_s, mfu = clock.measure()
             metrics = {"train/loss": result.loss, "lr": lr, "grad_norm": result.grad_norm, "tokens_per_s": tok_s,
                        "mfu": mfu, "tokens": tokens}

@@ -79,7 +79,7 @@ def truncate_live_history(live_dir: Path, resume_step: int) -> None:
             continue
         kept = [row for row in rows if int(row["step"]) <= resume_step]
         with open(tsv, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=fields, delimiter="\t")
+            writer = csv.DictWriter(f, fieldnames=fields, delimiter="\t", lineterminator="\n")
             writer.writeheader()
             writer.writerows(kept)
 
