@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import write_section
+from bench.common import cpu_name, write_section
 
 
 def _peak_rss_mb() -> float:
@@ -104,13 +104,6 @@ with corpus size; the peer holds every text and every id list."""
 
 
 
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def measure(args, root: Path) -> list[str]:

@@ -27,10 +27,6 @@ class ConfigError(ValueError):
     """A params value is missing, unknown or of the wrong type/range. The message names the key."""
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp` (recursing into lists, dicts, optionals, nested dataclasses)."""
     origin = get_origin(tp)

@@ -31,6 +31,18 @@ STRINGS = [
 ]
 
 
+def assert_same_model(hf_model, ours, tok) -> torch.Tensor:
+    """The transformers model computes our function: logits within 1e-4 and identical greedy continuations.
+    Returns the input ids it checked."""
+    ids = torch.tensor([tok.encode("the cat saw the dog by the river")])
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(ids).logits, ours(ids)[0], atol=1e-4, rtol=0)
+    greedy = ours.generate(ids, 12, temperature=0.0)
+    hf_greedy = hf_model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    assert hf_greedy.tolist() == greedy.tolist()
+    return ids
+
+
 @pytest.fixture(scope="module")
 def hf_dir(tiny_model_dir, tmp_path_factory):
     return export_hf(tiny_model_dir, tmp_path_factory.mktemp("export") / "hf")
@@ -62,12 +74,7 @@ def test_transformers_loads_the_export_and_agrees(hf_dir, tiny_model_dir):
     for text in STRINGS:
         assert hf_tok(text, add_special_tokens=False)["input_ids"] == tok.encode(text), text
     assert (hf_tok.bos_token_id, hf_tok.eos_token_id) == (tok.bos_id, tok.eos_id)
-    ids = torch.tensor([tok.encode("the cat saw the dog by the river")])
-    with torch.no_grad():
-        torch.testing.assert_close(hf_model(ids).logits, ours(ids)[0], atol=1e-4, rtol=0)
-    greedy = ours.generate(ids, 12, temperature=0.0)
-    hf_greedy = hf_model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
-    assert hf_greedy.tolist() == greedy.tolist()
+    assert_same_model(hf_model, ours, tok)
 
 
 def test_import_round_trip(hf_dir, tiny_model_dir, tmp_path):
@@ -144,12 +151,7 @@ def test_rope_and_moe_presets_export_and_import_with_equal_logits(hf_class, tiny
     ours, tok = load_model(src), Tokenizer.load(src)
     hf_tok = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
     assert hf_tok(STRINGS[2], add_special_tokens=False)["input_ids"] == tok.encode(STRINGS[2])
-    ids = torch.tensor([tok.encode("the cat saw the dog by the river")])
-    with torch.no_grad():
-        torch.testing.assert_close(hf_model(ids).logits, ours(ids)[0], atol=1e-4, rtol=0)
-    greedy = ours.generate(ids, 12, temperature=0.0)
-    hf_greedy = hf_model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
-    assert hf_greedy.tolist() == greedy.tolist()
+    ids = assert_same_model(hf_model, ours, tok)
 
     back = load_model(import_hf(hf_dir, tmp_path / "imported"))
     # same function; Mixtral has no dense d_ff to round-trip, so configs are compared as transformers sees them
