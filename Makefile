@@ -1,5 +1,6 @@
 # Two commands: `make repro` (set up + run the default pipeline) and `make test` (set up + run the tests).
-# Everything lives in .venv; nothing is installed outside it except by `make system-deps` (apt, needs root).
+# Python packages live in .venv. The Debian packages the default pipeline / the tests need are installed by
+# tools/system-deps.sh when missing (as root or with passwordless sudo; otherwise it stops naming the command).
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -14,7 +15,11 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export MALLOC_MMAP_THRESHOLD_ := 4294967296
 export MALLOC_TRIM_THRESHOLD_ := 68719476736
 
-.PHONY: setup repro test test-slow test-all lint bench clean system-deps
+.PHONY: setup repro test test-slow test-all lint bench clean system-deps repro-deps test-deps
+
+# apertium: the default augment backend (offline MT). The tests also use the FreeDict dictionary and a browser.
+REPRO_PACKAGES ?= apertium apertium-eng-spa
+TEST_PACKAGES  ?= $(REPRO_PACKAGES) dict-freedict-eng-ind chromium
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,19 +32,25 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
 
 setup: $(VENV)/.installed
 
-repro: setup
+repro-deps:
+	@tools/system-deps.sh $(REPRO_PACKAGES)
+
+test-deps:
+	@tools/system-deps.sh $(TEST_PACKAGES)
+
+repro: repro-deps setup
 	$(BIN)/dvc repro
 
 # Tests use tiny models: one OpenMP thread each is as fast, and does not stall when the machine is busy.
 test test-slow test-all: export OMP_NUM_THREADS ?= 1
 
-test: setup
+test: test-deps setup
 	$(BIN)/python -m pytest -m "not slow" -q
 
-test-slow: setup
+test-slow: test-deps setup
 	$(BIN)/python -m pytest -m slow -q
 
-test-all: setup
+test-all: test-deps setup
 	$(BIN)/python -m pytest -q
 
 lint: setup
@@ -48,11 +59,9 @@ lint: setup
 bench: setup
 	$(BIN)/python -m bench.run_all
 
-# Debian/Ubuntu packages the full pipeline and the tests use (apertium MT, dictionaries, a browser).
+# Every Debian/Ubuntu package the pipeline and the tests use (make repro / make test install what they need).
 system-deps:
-	DEBIAN_FRONTEND=noninteractive apt-get update -qq
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-		apertium apertium-eng-spa dict-freedict-eng-ind chromium chromium-driver
+	@tools/system-deps.sh $(TEST_PACKAGES)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

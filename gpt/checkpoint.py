@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from gpt.config import ConfigError
+from gpt.errors import GptError
 from gpt.model import DecoderOnlyTransformer, ModelConfig
 
 WEIGHTS_FILE = "model.safetensors"
@@ -28,7 +29,7 @@ FORMAT = "gpt-pipeline-model"
 VERSION = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(GptError, RuntimeError):
     """A checkpoint directory is missing, malformed, or its weights do not fit its config."""
 
 

@@ -21,10 +21,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gpt.errors import GptError
+
 EXIT_USAGE, EXIT_FAILURE = 2, 1
 
 
-class UsageError(ValueError):
+class UsageError(GptError, ValueError):
     """A bad command-line value; printed as `gpt <command>: error: ...` with exit status 2."""
 
 

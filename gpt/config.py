@@ -18,12 +18,14 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
+from gpt.errors import GptError
+
 T = TypeVar("T")
 
 PARAMS_FILE = Path("params.yaml")
 
 
-class ConfigError(ValueError):
+class ConfigError(GptError, ValueError):
     """A params value is missing, unknown or of the wrong type/range. The message names the key."""
 
 

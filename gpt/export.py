@@ -30,12 +30,13 @@ from typing import Any
 
 import torch
 
-from gpt.data.atomic import atomic_directory
+from gpt.atomic import atomic_directory
+from gpt.errors import GptError
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 
-class ExportError(ValueError):
+class ExportError(GptError, ValueError):
     """Export/import is not possible (wrong architecture, missing or pickled files); names the file or value."""
 
 
@@ -194,7 +195,7 @@ def _special_tokens(spm_tokenizer: Any) -> dict[str, str]:
 
 # ---------------------------------------------------------------- directories
 def _fill_atomically(out: Path, fill) -> Path:
-    """Create the new directory `out` by filling a temp sibling and renaming it into place (gpt.data.atomic)."""
+    """Create the new directory `out` by filling a temp sibling and renaming it into place (gpt.atomic)."""
     out = Path(out)
     if out.exists():
         raise ExportError(f"output directory already exists: {out} (choose a new --out)")

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from gpt.data.atomic import atomic_directory
+from gpt.atomic import atomic_directory
+from gpt.errors import GptError
 
 QUANT_FILE = "quantization.json"
 FORMAT = "gpt-pipeline-quantized"
@@ -41,7 +42,7 @@ COPIED_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "l
 KERNELS = ("fbgemm", "int8pack")
 
 
-class QuantizeError(ValueError):
+class QuantizeError(GptError, ValueError):
     """Bad quantization request or an unreadable quantized directory (the message names the file or value)."""
 
 
@@ -123,7 +124,7 @@ def _int8_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
 
 
 def _write_dir_atomic(out: Path, fill) -> Path:
-    """Create the new directory `out` by filling a temp sibling and renaming it into place (gpt.data.atomic)."""
+    """Create the new directory `out` by filling a temp sibling and renaming it into place (gpt.atomic)."""
     out = Path(out)
     if out.exists():
         raise QuantizeError(f"output directory already exists: {out} (choose a new --out)")

@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
+from gpt.atomic import write_bytes_atomic
 from gpt.config import ConfigError
-from gpt.data.atomic import write_bytes_atomic
+from gpt.errors import GptError
 
 MODEL_FILE = "tokenizer.model"
 VOCAB_FILE = "tokenizer.vocab"
@@ -28,7 +29,7 @@ VOCAB_FILE = "tokenizer.vocab"
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 
 
-class TokenizerError(ValueError):
+class TokenizerError(GptError, ValueError):
     """A tokenizer model is missing/unreadable, or training cannot work with the given settings."""
 
 

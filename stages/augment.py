@@ -10,10 +10,10 @@ from __future__ import annotations
 import logging
 import sys
 
+from gpt.atomic import write_json_atomic
 from gpt.augment import AugmentConfig, BackendUnavailable, augment_corpus
 from gpt.augment.pipeline import AugmentFailed
 from gpt.config import ConfigError, load_paths, load_section
-from gpt.data.atomic import write_json_atomic
 
 
 def main() -> int:

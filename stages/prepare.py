@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import time
 
+from gpt.atomic import write_json_atomic
 from gpt.config import ConfigError, load_paths, load_section
-from gpt.data.atomic import write_json_atomic
 from gpt.data.prepare import PrepareConfig, PrepareError, prepare_corpus
 from gpt.data.sources import SourceError
 

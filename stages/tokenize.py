@@ -8,8 +8,8 @@ from __future__ import annotations
 import os
 import time
 
+from gpt.atomic import atomic_directory, write_json_atomic
 from gpt.config import ConfigError, load_paths, load_section
-from gpt.data.atomic import atomic_directory, write_json_atomic
 from gpt.data.corpus import SPLITS, CorpusError
 from gpt.data.shards import ShardError
 from gpt.data.tokenize import TokenizeConfig, tokenize_split

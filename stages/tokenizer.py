@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import time
 
+from gpt.atomic import atomic_directory, write_json_atomic
 from gpt.config import ConfigError, load_paths, load_section
-from gpt.data.atomic import atomic_directory, write_json_atomic
 from gpt.data.corpus import CorpusError, read_corpus
 from gpt.tokenizer import (
     TokenizerConfig,

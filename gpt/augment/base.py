@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
+from gpt.errors import GptError
+
 
 class TranslationError(RuntimeError):
     """Translating these texts failed; `reason` is a short, stable label counted in metrics."""
@@ -20,7 +22,7 @@ class TranslationError(RuntimeError):
         self.reason = reason
 
 
-class BackendUnavailable(RuntimeError):
+class BackendUnavailable(GptError, RuntimeError):
     """The backend cannot run here (missing program, language pair or model); the message says how to fix it."""
 
 

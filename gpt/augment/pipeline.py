@@ -41,6 +41,7 @@ from gpt.augment.dictionary import DEFAULT_DIR, DictionaryConfig, DictionaryTran
 from gpt.augment.marian import MarianConfig, MarianTranslator
 from gpt.config import ConfigError
 from gpt.data.corpus import CORPUS_SCHEMA, CorpusWriter, read_corpus
+from gpt.errors import GptError
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ AUGMENTED_SCHEMA = pa.schema(list(CORPUS_SCHEMA) + [pa.field(name, pa.string(), 
 WINDOW_DOCS = 4096  # selected documents gathered before translating, so all workers stay busy
 
 
-class AugmentFailed(RuntimeError):
+class AugmentFailed(GptError, RuntimeError):
     """Too many documents failed to translate (see the message for counts by reason)."""
 
 

@@ -16,7 +16,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from gpt.data.atomic import make_temp_dir, replace_dir
+from gpt.atomic import make_temp_dir, replace_dir
+from gpt.errors import GptError
 
 CORPUS_SCHEMA = pa.schema(
     [
@@ -31,7 +32,7 @@ SPLITS = ("train", "val")
 PART_GLOB = "part-*.parquet"
 
 
-class CorpusError(ValueError):
+class CorpusError(GptError, ValueError):
     """A corpus directory is missing, empty or lacks a needed column."""
 
 

@@ -21,9 +21,10 @@ from gpt.data.clean import CleanConfig, QualityConfig, clean_text, quality_probl
 from gpt.data.corpus import CorpusWriter
 from gpt.data.dedup import DedupConfig, Deduplicator, content_id
 from gpt.data.sources import SourceConfig, Tally, iter_source
+from gpt.errors import GptError
 
 
-class PrepareError(RuntimeError):
+class PrepareError(GptError, RuntimeError):
     """Nothing usable came out of the sources (the message says what was dropped and why)."""
 
 

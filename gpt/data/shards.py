@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
-from gpt.data.atomic import write_json_atomic
+from gpt.atomic import write_json_atomic
+from gpt.errors import GptError
 
 if TYPE_CHECKING:
     import torch
@@ -30,7 +31,7 @@ MANIFEST = "manifest.json"
 TOKENS_COLUMN = "tokens"
 
 
-class ShardError(ValueError):
+class ShardError(GptError, ValueError):
     """Shards are missing, corrupt, or do not match the tokenizer/vocabulary they are used with."""
 
 

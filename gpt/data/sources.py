@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 from gpt.config import ConfigError
+from gpt.errors import GptError
 
 log = logging.getLogger(__name__)
 
@@ -345,7 +346,7 @@ def iter_file_documents(raw_dir: Path, cfg: SourceConfig, tally: Tally, limit: i
 # ---------------------------------------------------------------- Hugging Face datasets and the built-in corpus
 
 
-class SourceError(RuntimeError):
+class SourceError(GptError, RuntimeError):
     """A configured source cannot be opened at all (e.g. a dataset name while offline)."""
 
 

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from gpt.errors import GptError
+
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 SP_TOKENIZER_FILE = "tokenizer.model"
@@ -25,7 +27,7 @@ LINEAGE_FILE = "lineage.json"
 QUANTIZATION_FILE = "quantization.json"
 
 
-class ModelDirError(FileNotFoundError):
+class ModelDirError(GptError, FileNotFoundError):
     """The model directory (or a file in it) is missing or unusable; the message names the path."""
 
 

@@ -29,10 +29,12 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from gpt.errors import GptError
+
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
 
-class ResumeError(RuntimeError):
+class ResumeError(GptError, RuntimeError):
     """A checkpoint can't be used to continue this run (params changed under resume: strict, or it is damaged)."""
 
 

@@ -26,6 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from gpt.config import to_dict
+from gpt.errors import GptError
 from gpt.train.checkpoints import CheckpointManager, ResumeError
 from gpt.train.config import BOOKKEEPING_KEYS, TrainConfig
 from gpt.train.device import Precision, resolve_precision, select_device, step_seed
@@ -37,7 +38,7 @@ from gpt.train.step import train_step, validation_loss
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(GptError, RuntimeError):
     """The loss or gradient norm became NaN/inf (message names the step)."""
 
 
