@@ -8,23 +8,18 @@ copied through unchanged, so the DAG stays the same. Translations are cached in 
 from __future__ import annotations
 
 import logging
-import sys
 
 from gpt.atomic import write_json_atomic
-from gpt.augment import AugmentConfig, BackendUnavailable, augment_corpus
-from gpt.augment.pipeline import AugmentFailed
-from gpt.config import ConfigError, load_paths, load_section
+from gpt.augment import AugmentConfig, augment_corpus
+from gpt.config import load_paths, load_section
+from gpt.errors import run_main
 
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        cfg = load_section("augment", AugmentConfig)
-        paths = load_paths()
-        metrics = augment_corpus(cfg, paths.cleaned, paths.augmented, paths.translation_cache)
-    except (ConfigError, BackendUnavailable, AugmentFailed) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    cfg = load_section("augment", AugmentConfig)
+    paths = load_paths()
+    metrics = augment_corpus(cfg, paths.cleaned, paths.augmented, paths.translation_cache)
     write_json_atomic(paths.metrics / "augment.json", metrics)
     print(
         f"augment: {metrics['documents_in']} documents in, {metrics['documents_translated']} translated "
@@ -34,4 +29,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

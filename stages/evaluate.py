@@ -19,6 +19,7 @@ import torch
 from gpt.checkpoint import load_model
 from gpt.config import load_paths, load_section
 from gpt.data.shards import TokenShards
+from gpt.errors import run_main
 from gpt.eval import (
     EvalConfig,
     bits_per_byte,
@@ -85,12 +86,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    # Bad params, a missing/mismatched model or shards: one line naming the cause, not a traceback
-    from gpt.checkpoint import CheckpointError
-    from gpt.config import ConfigError
-    from gpt.data.shards import ShardError
-
-    try:
-        main()
-    except (ConfigError, CheckpointError, ShardError) as err:
-        raise SystemExit(f"error: {err}") from None
+    run_main(main)

@@ -6,20 +6,17 @@ import logging
 import time
 
 from gpt.atomic import write_json_atomic
-from gpt.config import ConfigError, load_paths, load_section
-from gpt.data.prepare import PrepareConfig, PrepareError, prepare_corpus
-from gpt.data.sources import SourceError
+from gpt.config import load_paths, load_section
+from gpt.data.prepare import PrepareConfig, prepare_corpus
+from gpt.errors import run_main
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        paths = load_paths()
-        cfg = load_section("prepare", PrepareConfig)
-        start = time.perf_counter()
-        metrics = prepare_corpus(cfg, paths.raw, paths.cleaned)
-    except (ConfigError, PrepareError, SourceError) as err:
-        raise SystemExit(f"error: {err}") from None
+    paths = load_paths()
+    cfg = load_section("prepare", PrepareConfig)
+    start = time.perf_counter()
+    metrics = prepare_corpus(cfg, paths.raw, paths.cleaned)
     write_json_atomic(paths.metrics / "prepare.json", metrics)
     print(
         f"prepare: {metrics['documents_out']}/{metrics['documents_in']} documents, "
@@ -29,4 +26,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

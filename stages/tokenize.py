@@ -9,25 +9,22 @@ import os
 import time
 
 from gpt.atomic import atomic_directory, write_json_atomic
-from gpt.config import ConfigError, load_paths, load_section
-from gpt.data.corpus import SPLITS, CorpusError
-from gpt.data.shards import ShardError
+from gpt.config import load_paths, load_section
+from gpt.data.corpus import SPLITS
 from gpt.data.tokenize import TokenizeConfig, tokenize_split
-from gpt.tokenizer import Tokenizer, TokenizerError
+from gpt.errors import run_main
+from gpt.tokenizer import Tokenizer
 
 
 def main() -> None:
-    try:
-        paths = load_paths()
-        cfg = load_section("tokenize", TokenizeConfig)
-        tokenizer = Tokenizer.load(paths.tokenizer)
-        corpus = paths.augmented  # the augment stage's output (issue 5; C)
-        start = time.perf_counter()
-        with atomic_directory(paths.shards) as out:
-            manifests = {split: tokenize_split(tokenizer, corpus, split, out / split, cfg) for split in SPLITS}
-        seconds = time.perf_counter() - start
-    except (ConfigError, CorpusError, ShardError, TokenizerError) as err:
-        raise SystemExit(f"error: {err}") from None
+    paths = load_paths()
+    cfg = load_section("tokenize", TokenizeConfig)
+    tokenizer = Tokenizer.load(paths.tokenizer)
+    corpus = paths.augmented  # the augment stage's output (issue 5; C)
+    start = time.perf_counter()
+    with atomic_directory(paths.shards) as out:
+        manifests = {split: tokenize_split(tokenizer, corpus, split, out / split, cfg) for split in SPLITS}
+    seconds = time.perf_counter() - start
     total_bytes = sum(m["num_bytes"] for m in manifests.values())
     total_tokens = sum(m["num_tokens"] for m in manifests.values())
     metrics = {
@@ -49,4 +46,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -8,11 +8,11 @@ from __future__ import annotations
 import time
 
 from gpt.atomic import atomic_directory, write_json_atomic
-from gpt.config import ConfigError, load_paths, load_section
-from gpt.data.corpus import CorpusError, read_corpus
+from gpt.config import load_paths, load_section
+from gpt.data.corpus import read_corpus
+from gpt.errors import run_main
 from gpt.tokenizer import (
     TokenizerConfig,
-    TokenizerError,
     tokenizer_stats,
     train_tokenizer,
     training_sentences,
@@ -20,19 +20,16 @@ from gpt.tokenizer import (
 
 
 def main() -> None:
-    try:
-        paths = load_paths()
-        cfg = load_section("tokenizer", TokenizerConfig)
-        corpus = paths.augmented  # the augment stage's output (issue 5; C)
-        start = time.perf_counter()
-        sentences = training_sentences(corpus, cfg)
-        with atomic_directory(paths.tokenizer) as out:
-            tokenizer = train_tokenizer(sentences, cfg, out)
-        train_seconds = time.perf_counter() - start
-        val_texts = (t for b in read_corpus(corpus, split="val", columns=["text"]) for t in b.column("text").to_pylist())
-        stats = tokenizer_stats(tokenizer, val_texts)
-    except (ConfigError, CorpusError, TokenizerError) as err:
-        raise SystemExit(f"error: {err}") from None
+    paths = load_paths()
+    cfg = load_section("tokenizer", TokenizerConfig)
+    corpus = paths.augmented  # the augment stage's output (issue 5; C)
+    start = time.perf_counter()
+    sentences = training_sentences(corpus, cfg)
+    with atomic_directory(paths.tokenizer) as out:
+        tokenizer = train_tokenizer(sentences, cfg, out)
+    train_seconds = time.perf_counter() - start
+    val_texts = (t for b in read_corpus(corpus, split="val", columns=["text"]) for t in b.column("text").to_pylist())
+    stats = tokenizer_stats(tokenizer, val_texts)
     # no timings here: this file must be identical on every run (dvc.lock hashes it); tokenize.json has throughput
     metrics = {
         "vocab_size": tokenizer.vocab_size,
@@ -47,4 +44,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

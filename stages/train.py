@@ -15,6 +15,7 @@ from pathlib import Path
 
 from gpt.config import ConfigError, PathsConfig, load_params, load_paths, load_section
 from gpt.data.shards import TokenShards
+from gpt.errors import run_main
 from gpt.model import DecoderOnlyTransformer, ModelConfig, model_config_from_params
 from gpt.tokenizer import MODEL_FILE, Tokenizer
 from gpt.train.config import TrainConfig
@@ -67,12 +68,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    # Bad params, mismatched shards/tokenizer, a refused resume or a diverged run: one line naming the cause
-    from gpt.data.shards import ShardError
-    from gpt.train.checkpoints import ResumeError
-    from gpt.train.loop import NonFiniteLossError
-
-    try:
-        main()
-    except (ConfigError, ShardError, ResumeError, NonFiniteLossError) as err:
-        raise SystemExit(f"error: {err}") from None
+    run_main(main)
