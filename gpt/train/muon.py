@@ -1,0 +1,145 @@
+"""Muon: momentum orthogonalised by a Newton–Schulz iteration, for the hidden weight matrices; AdamW for the rest.
+
+Idea from Keller Jordan's Muon (modded-nanogpt, 2024; "Muon is scalable for LLM training", Moonshot 2025) and its
+use in nanochat: for a 2-D weight W (out, in) the update is the momentum matrix with its singular values pushed
+towards 1 — an approximate `U V^T` of its SVD — so every direction of the update moves at the same rate. Five steps
+of the quintic iteration X ← aX + (bA + cA²)X with A = X Xᵀ (coefficients a, b, c = 3.4445, −4.7750, 2.0315 as
+published) bring the singular values into roughly [0.7, 1.2] rather than exactly 1: the published trade of accuracy
+for speed, which training does not mind.
+
+Which parameters: Muon for the matrices inside the transformer blocks (attention, MLP and router weights; 3-D
+expert banks are a batch of matrices); AdamW for embeddings, the LM head, norm gains and biases — they are not hidden linear maps
+(embeddings are lookups, the head maps to logits). `split_params` makes that split; each parameter lands in exactly
+one group.
+
+One optimizer object holds both kinds of groups (`use_muon` per group), so the checkpoint code that saves and
+restores `optimizer.state_dict()` resumes Muon runs exactly, and DDP needs nothing special (gradients are
+all-reduced before `step`, so every rank computes the same orthogonalised update). Muon groups keep their own base
+learning rate as `lr_multiplier` × the schedule's lr, so one lr schedule (`set_lr`) drives both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+NS_STEPS = 5
+# after NS_STEPS with the coefficients above, singular values of a full-rank input land in this band (tested)
+SINGULAR_VALUE_BAND = (0.5, 1.5)
+
+
+def orthogonalize(grad: torch.Tensor, steps: int = NS_STEPS, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Approximate U Vᵀ of `grad` (..., rows, cols) by the quintic Newton–Schulz iteration; same shape and dtype."""
+    a, b, c = NS_COEFFICIENTS
+    x = grad.to(dtype)
+    transposed = x.size(-2) > x.size(-1)
+    if transposed:  # iterate on the wide orientation: A = X Xᵀ is then the smaller Gram matrix
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm ≤ Frobenius norm ≤ 1: inside convergence
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    if transposed:
+        x = x.mT
+    return x.to(grad.dtype)
+
+
+def split_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Parameter]]:
+    """(muon, adamw_decay, adamw_no_decay): the ≥2-D weights inside `model.blocks` (the hidden linear maps) /
+    other ≥2-D weights (embeddings, LM head) / vectors (norm gains, biases). Decided by where a parameter lives,
+    not by its name; shared (tied) tensors appear once."""
+    hidden = {id(p) for p in model.blocks.parameters() if p.dim() >= 2}
+    muon, decay, no_decay = [], [], []
+    for param in model.parameters():  # deduplicates tied tensors
+        if not param.requires_grad:
+            continue
+        if id(param) in hidden:
+            muon.append(param)
+        else:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    return muon, decay, no_decay
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for groups with `use_muon=True`, AdamW for the others, in one optimizer (one state dict to checkpoint).
+
+    Muon group keys: lr_multiplier (its lr = schedule lr × this), momentum, nesterov, weight_decay, ns_steps.
+    AdamW group keys: betas, eps, weight_decay (decoupled, as torch.optim.AdamW)."""
+
+    def __init__(self, groups: Iterable[dict], lr: float = 1e-3) -> None:
+        defaults = dict(lr=lr, use_muon=False, lr_multiplier=1.0, momentum=0.95, nesterov=True, ns_steps=NS_STEPS,
+                        betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+        super().__init__(list(groups), defaults)
+        for group in self.param_groups:
+            if group["use_muon"] and any(p.dim() < 2 for p in group["params"]):
+                raise ValueError("Muon groups take matrices (≥2-D parameters) only")
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D401 — torch.optim signature
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            if group["use_muon"]:
+                self._muon_step(group)
+            else:
+                self._adamw_step(group)
+        return loss
+
+    def _muon_step(self, group: dict) -> None:
+        lr = group["lr"] * group["lr_multiplier"]
+        beta = group["momentum"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            buf = state["momentum_buffer"]
+            buf.lerp_(p.grad, 1 - beta)  # buf = beta·buf + (1 − beta)·grad
+            direction = p.grad.lerp(buf, beta) if group["nesterov"] else buf
+            update = orthogonalize(direction, group["ns_steps"])
+            # orthogonal updates of a tall matrix have a smaller RMS per entry; rescale so shape does not change the
+            # effective step (max(1, rows/cols)^0.5, as in the reference implementation)
+            scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
+            if group["weight_decay"]:
+                p.mul_(1 - lr * group["weight_decay"])
+            p.add_(update, alpha=-lr * scale)
+
+    def _adamw_step(self, group: dict) -> None:
+        beta1, beta2 = group["betas"]
+        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["step"] += 1
+            step = float(state["step"])
+            if wd:
+                p.mul_(1 - lr * wd)
+            state["exp_avg"].lerp_(p.grad, 1 - beta1)
+            state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+            bias1, bias2 = 1 - beta1**step, 1 - beta2**step
+            denom = (state["exp_avg_sq"].sqrt() / bias2**0.5).add_(eps)
+            p.addcdiv_(state["exp_avg"], denom, value=-lr / bias1)
+
+
+def build_muon(model: nn.Module, lr: float, muon_lr: float, weight_decay: float, betas: tuple[float, float],
+               eps: float, momentum: float = 0.95, muon_weight_decay: float = 0.0) -> Muon:
+    """Muon over the hidden matrices, AdamW (same hyper-parameters as the AdamW optimizer) over the rest."""
+    muon, decay, no_decay = split_params(model)
+    groups = [
+        {"params": muon, "use_muon": True, "lr_multiplier": muon_lr / lr, "momentum": momentum,
+         "weight_decay": muon_weight_decay},
+        {"params": decay, "use_muon": False, "weight_decay": weight_decay, "betas": betas, "eps": eps},
+        {"params": no_decay, "use_muon": False, "weight_decay": 0.0, "betas": betas, "eps": eps},
+    ]
+    return Muon([g for g in groups if g["params"]], lr=lr)
