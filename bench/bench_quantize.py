@@ -29,8 +29,8 @@ import torch.nn.functional as F
 
 from bench.common import write_section
 from gpt.checkpoint import save_model
-from gpt.config import load_paths
 from gpt.model import DecoderOnlyTransformer, ModelConfig
+from gpt.params import load_params
 from gpt.quantize import quantize_checkpoint
 from gpt.serve.loading import load_weights
 
@@ -154,7 +154,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    paths = load_paths()
+    paths = load_params().paths
     print(machine(), flush=True)
     if args.layers:
         print(layer_table())

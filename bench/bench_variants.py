@@ -25,9 +25,9 @@ import torch
 
 from bench.bench_decode import machine
 from bench.common import write_section
-from gpt.config import load_paths
 from gpt.data.shards import TokenShards
 from gpt.model import DecoderOnlyTransformer, ModelConfig
+from gpt.params import load_params
 
 PRESET_LABELS = {"tiny": "gpt2 block (tiny)", "qwen3-style": "qwen3-style", "moe": "moe", "hybrid": "hybrid"}
 
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    shards = load_paths().shards
+    shards = load_params().paths.shards
     train, val = TokenShards(shards / "train"), TokenShards(shards / "val")
     val_windows = torch.stack(list(val.iter_windows(args.seq_len, max_windows=args.val_windows))).long()
     args.val_windows_used = len(val_windows)

@@ -1,7 +1,8 @@
-"""Typed configuration: `params.yaml` sections → frozen dataclasses, validated before any work.
+"""Typed configuration machinery: a `params.yaml` section → frozen dataclass, validated before any work.
 
-Each stage reads only its own section (`load_section("train", TrainConfig)`), and every path in the project is
-written once, in the `paths:` section (dvc.yaml reads the same values through `${paths.*}`).
+The whole file is loaded by `gpt.params.load_params()` into one `Params` object whose fields are the sections;
+each stage hands each function only its own section. Every path in the project is written once, in the `paths:`
+section (`PathsConfig` below; dvc.yaml reads the same values through `${paths.*}`).
 
 `from_dict` is the one loader every section uses: unknown keys, wrong types and missing required values raise
 `ConfigError` naming the full key (`train.lr`), so a typo in params.yaml fails before a stage touches any data.
@@ -15,8 +16,6 @@ import types
 import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
-
-import yaml
 
 from gpt.errors import GptError
 
@@ -132,23 +131,6 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def load_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
-    """Read params.yaml as a plain mapping (a missing file is a clear error)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"params file not found: {path} (run from the project root)")
-    with open(path, encoding="utf-8") as f:
-        params = yaml.safe_load(f) or {}
-    if not isinstance(params, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of sections")
-    return params
-
-
-def load_section(name: str, cls: type[T], path: str | Path = PARAMS_FILE) -> T:
-    """Load and validate one params section as dataclass `cls`."""
-    return from_dict(cls, load_params(path).get(name), name)
-
-
 @dataclasses.dataclass(frozen=True)
 class PathsConfig:
     """Every path the pipeline reads or writes, written once (`paths:` in params.yaml)."""
@@ -163,6 +145,3 @@ class PathsConfig:
     model: Path = Path("data/model")
     metrics: Path = Path("metrics")
 
-
-def load_paths(path: str | Path = PARAMS_FILE) -> PathsConfig:
-    return load_section("paths", PathsConfig, path)

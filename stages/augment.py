@@ -10,15 +10,15 @@ from __future__ import annotations
 import logging
 
 from gpt.atomic import write_json_atomic
-from gpt.augment import AugmentConfig, augment_corpus
-from gpt.config import load_paths, load_section
+from gpt.augment import augment_corpus
 from gpt.errors import run_main
+from gpt.params import load_params
 
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    cfg = load_section("augment", AugmentConfig)
-    paths = load_paths()
+    params = load_params()  # the whole file: a slip in any section fails here, before any work
+    paths, cfg = params.paths, params.augment
     metrics = augment_corpus(cfg, paths.cleaned, paths.augmented, paths.translation_cache)
     write_json_atomic(paths.metrics / "augment.json", metrics)
     print(

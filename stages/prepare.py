@@ -6,15 +6,15 @@ import logging
 import time
 
 from gpt.atomic import write_json_atomic
-from gpt.config import load_paths, load_section
-from gpt.data.prepare import PrepareConfig, prepare_corpus
+from gpt.data.prepare import prepare_corpus
 from gpt.errors import run_main
+from gpt.params import load_params
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    paths = load_paths()
-    cfg = load_section("prepare", PrepareConfig)
+    params = load_params()  # the whole file: a slip in any section fails here, before any work
+    paths, cfg = params.paths, params.prepare
     start = time.perf_counter()
     metrics = prepare_corpus(cfg, paths.raw, paths.cleaned)
     write_json_atomic(paths.metrics / "prepare.json", metrics)

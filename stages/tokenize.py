@@ -1,6 +1,7 @@
 """Stage `tokenize`: corpus train/val splits → Arrow token shards in `paths.shards` + metrics/tokenize.json.
 
-Reads the cleaned corpus (`paths.cleaned`); when the `augment` stage is in the pipeline, the augmented one.
+Reads the augment stage's output (`paths.augmented`: the cleaned corpus plus its translations, or the cleaned
+corpus unchanged when augmentation is off).
 """
 
 from __future__ import annotations
@@ -9,16 +10,16 @@ import os
 import time
 
 from gpt.atomic import atomic_directory, write_json_atomic
-from gpt.config import load_paths, load_section
 from gpt.data.corpus import SPLITS
-from gpt.data.tokenize import TokenizeConfig, tokenize_split
+from gpt.data.tokenize import tokenize_split
 from gpt.errors import run_main
+from gpt.params import load_params
 from gpt.tokenizer import Tokenizer
 
 
 def main() -> None:
-    paths = load_paths()
-    cfg = load_section("tokenize", TokenizeConfig)
+    params = load_params()  # the whole file: a slip in any section fails here, before any work
+    paths, cfg = params.paths, params.tokenize
     tokenizer = Tokenizer.load(paths.tokenizer)
     corpus = paths.augmented  # the augment stage's output (issue 5; C)
     start = time.perf_counter()

@@ -1,6 +1,7 @@
 """Stage `tokenizer`: sentencepiece BPE on the corpus's train split → `paths.tokenizer` + metrics/tokenizer.json.
 
-Reads the cleaned corpus (`paths.cleaned`); when the `augment` stage is in the pipeline, the augmented one.
+Reads the augment stage's output (`paths.augmented`: the cleaned corpus plus its translations, or the cleaned
+corpus unchanged when augmentation is off).
 """
 
 from __future__ import annotations
@@ -8,11 +9,10 @@ from __future__ import annotations
 import time
 
 from gpt.atomic import atomic_directory, write_json_atomic
-from gpt.config import load_paths, load_section
 from gpt.data.corpus import read_corpus
 from gpt.errors import run_main
+from gpt.params import load_params
 from gpt.tokenizer import (
-    TokenizerConfig,
     tokenizer_stats,
     train_tokenizer,
     training_sentences,
@@ -20,8 +20,8 @@ from gpt.tokenizer import (
 
 
 def main() -> None:
-    paths = load_paths()
-    cfg = load_section("tokenizer", TokenizerConfig)
+    params = load_params()  # the whole file: a slip in any section fails here, before any work
+    paths, cfg = params.paths, params.tokenizer
     corpus = paths.augmented  # the augment stage's output (issue 5; C)
     start = time.perf_counter()
     sentences = training_sentences(corpus, cfg)

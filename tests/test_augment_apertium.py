@@ -16,6 +16,7 @@ import pytest
 
 from gpt.augment import BackendUnavailable
 from gpt.augment import apertium as ap
+from tests.project_params import write_params
 
 pytestmark = pytest.mark.skipif(
     shutil.which("apertium") is None or "eng-spa" not in ap.installed_pairs(),
@@ -112,9 +113,7 @@ def test_stage_end_to_end(tmp_path):
              "split": "val" if i % 5 == 0 else "train"} for i in range(20)]
     with CorpusWriter(tmp_path / "data/cleaned") as writer:
         writer.write(rows)
-    (tmp_path / "params.yaml").write_text(
-        "paths:\n  metrics: metrics\naugment:\n  backend: apertium\n  fraction: 1.0\n  workers: 2\n"
-    )
+    write_params(tmp_path, {"augment": {"backend": "apertium", "fraction": 1.0, "workers": 2}})
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "stages.augment"]
     first = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
@@ -125,7 +124,7 @@ def test_stage_end_to_end(tmp_path):
     subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=True)
     again = json.loads((tmp_path / "metrics/augment.json").read_text())
     assert again["cache_hits"] == 16 and again["documents_sent"] == 0
-    (tmp_path / "params.yaml").write_text("augment:\n  fraction: 2.0\n")
+    write_params(tmp_path, {"augment": {"fraction": 2.0}})
     bad = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "augment.fraction" in bad.stderr
 

@@ -1,4 +1,6 @@
-"""The params loader: typed sections, unknown keys and wrong types fail naming the key."""
+"""The generic section loader (`from_dict`): typed sections, unknown keys and wrong types fail naming the key.
+
+The whole file (`load_params`, missing/misspelled sections, one source of defaults) is tests/test_params.py."""
 
 import re
 from dataclasses import dataclass, field
@@ -7,7 +9,9 @@ from typing import Literal
 
 import pytest
 
-from gpt.config import ConfigError, PathsConfig, from_dict, load_paths, load_section, to_dict
+from gpt.config import ConfigError, from_dict, to_dict
+from gpt.params import load_params
+from tests.project_params import PROJECT_PARAMS
 
 
 @dataclass(frozen=True)
@@ -45,18 +49,13 @@ def test_bad_values_name_the_key(data, fragment):
         from_dict(Section, data, "train")
 
 
-def test_load_section_from_file(tmp_path):
-    params = tmp_path / "params.yaml"
-    params.write_text("paths:\n  raw: somewhere/raw\ntrain:\n  lr: 3.0e-4\n")
-    assert load_paths(params).raw == Path("somewhere/raw")
-    assert load_paths(params).cleaned == PathsConfig().cleaned
-    assert load_section("train", Section, params).lr == pytest.approx(3.0e-4)
-    assert load_section("missing", Section, params) == Section()
-    with pytest.raises(ConfigError, match="not found"):
-        load_paths(tmp_path / "nope.yaml")
+def test_missing_keys_take_the_defaults_and_none_is_an_empty_section():
+    assert from_dict(Section, {"steps": 3}, "train") == Section(steps=3)
+    assert from_dict(Section, None, "train") == Section()
+    with pytest.raises(ConfigError, match="train: expected a mapping"):
+        from_dict(Section, ["lr"], "train")
 
 
 def test_repo_params_paths_are_valid():
-    root = Path(__file__).resolve().parents[1]
-    paths = load_paths(root / "params.yaml")
+    paths = load_params(PROJECT_PARAMS).paths
     assert all(not Path(p).is_absolute() for p in to_dict(paths).values())

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-import yaml
 
 from gpt.data.shards import TokenShards
 from gpt.errors import run_main
 from gpt.tokenizer import Tokenizer
 from stages import prepare, tokenize, tokenizer
+from tests.project_params import write_params
 
 PARAMS = {
     # augmented = cleaned: the tokenizer/tokenize stages read paths.augmented; here without the augment stage
@@ -28,7 +28,7 @@ def project(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data/raw").mkdir(parents=True)
     (tmp_path / "data/raw/mine.txt").write_text("My own notes about tokenizers and shards. " * 20)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    write_params(tmp_path, PARAMS)
     return tmp_path
 
 
@@ -62,8 +62,11 @@ def _error_line(main, capsys) -> str:
 
 def test_stage_errors_are_one_line_messages(project, capsys):
     params = dict(PARAMS, prepare={"sources": [{"kind": "files"}], "clean": {"min_chars": 10_000}})
-    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    write_params(project, params)
     assert _error_line(prepare.main, capsys).startswith("error: prepare: no documents left")
-    (project / "params.yaml").write_text(yaml.safe_dump(dict(PARAMS, tokenizer={"vocab_sise": 600})))
+    write_params(project, dict(PARAMS, tokenizer={"vocab_sise": 600}))
     assert _error_line(tokenizer.main, capsys).startswith("error: tokenizer: unknown key")
+    # every stage validates the whole file: a slip in another stage's section stops this one too
+    assert _error_line(prepare.main, capsys).startswith("error: tokenizer: unknown key")
+    write_params(project, PARAMS)
     assert "not found" in _error_line(tokenize.main, capsys)

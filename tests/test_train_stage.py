@@ -19,6 +19,7 @@ from gpt.data.shards import ShardWriter, TokenShards
 from gpt.eval import bits_per_byte, score_windows, unigram_log_probs, unigram_nats
 from gpt.model import ModelConfig
 from gpt.tokenizer import Tokenizer, TokenizerConfig, train_tokenizer
+from tests.project_params import write_params as write_project_params
 
 PARAMS = {
     "model": {"preset": "tiny", "vocab_size": None, "d_model": 64, "n_layers": 2, "n_heads": 2, "max_seq_len": 64},
@@ -55,7 +56,7 @@ def write_params(root, **sections):
                         "model": "data/model", "metrics": "metrics"}}
     for name, base in PARAMS.items():
         params[name] = {**base, **sections.get(name, {})}
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_project_params(root, params)
 
 
 def test_train_then_evaluate_writes_the_promised_outputs(workspace, monkeypatch):
@@ -192,19 +193,13 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_model(workspace, tmp_path):
 
 
 def test_the_projects_params_yaml_sections_are_valid():
-    from pathlib import Path
+    from gpt.params import load_params
+    from tests.project_params import PROJECT_PARAMS
 
-    from gpt.config import load_params, load_section
-    from gpt.eval import EvalConfig
-    from gpt.model import model_config_from_params
-    from gpt.train.config import TrainConfig
-
-    params_file = Path(__file__).resolve().parents[1] / "params.yaml"
-    train_cfg = load_section("train", TrainConfig, params_file)
-    load_section("evaluate", EvalConfig, params_file)
-    model_cfg = model_config_from_params(load_params(params_file)["model"], vocab_size=4096)
-    assert train_cfg.seq_len <= model_cfg.max_seq_len
-    train_cfg.grad_accum_steps(world_size=1)
+    params = load_params(PROJECT_PARAMS)
+    model_cfg = params.model.resolve(4096)
+    assert params.train.seq_len <= model_cfg.max_seq_len
+    params.train.grad_accum_steps(world_size=1)
 
 
 @pytest.mark.parametrize("preset", ["qwen3-style", "moe", "hybrid"])

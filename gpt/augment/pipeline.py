@@ -63,7 +63,7 @@ class AugmentConfig:
     mode: Literal["translate", "backtranslate"] = "translate"
     src_lang: str = "en"
     tgt_lang: str = "es"
-    fraction: float = 0.1  # of the eligible train documents, chosen by hash
+    fraction: float = 0.25  # of the eligible train documents, chosen by hash
     select_langs: list[str] | None = None  # documents whose `lang` is listed; null = [src_lang]
     seed: int = 0
     batch_size: int = 64  # documents per backend request
