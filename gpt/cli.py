@@ -5,23 +5,29 @@
     gpt serve     the web UI + OpenAI-compatible API (gpt/serve/)
     gpt quantize  INT8 / bf16 / fp16 copy of a model directory (gpt/quantize.py)
     gpt export    Hugging Face directory (GPT-2/Llama/Qwen3/Mixtral/Qwen3-MoE, safetensors, tokenizer.json)
-    gpt import    a local Hugging Face directory of those architectures → our model directory (gpt/export.py)
+    gpt import    a local Hugging Face directory of those architectures → our model directory (gpt/hf_dir.py)
 
-`--checkpoint` defaults to `paths.model` from ./params.yaml (data/model), the train stage's output. Errors print
-one line naming the missing file or the bad value and exit with status 2 (bad usage) or 1 (anything else).
+`--checkpoint` defaults to `paths.model` from ./params.yaml (data/model), the train stage's output. `generate`
+and `serve` generate through the front door, gpt/generate.py (it checks the sampling values). Every expected failure
+is a GptError and ends in one `gpt <command>: error: ...` line naming the file or the value: exit status 2 for bad
+usage (a bad flag or sampling value), 1 for anything else; Ctrl-C prints one line and exits with 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gpt.errors import GptError
+
+if TYPE_CHECKING:
+    from gpt.generate import GenerationInputError
 
 EXIT_USAGE, EXIT_FAILURE = 2, 1
 
@@ -29,34 +35,39 @@ EXIT_USAGE, EXIT_FAILURE = 2, 1
 class UsageError(GptError, ValueError):
     """A bad command-line value; printed as `gpt <command>: error: ...` with exit status 2."""
 
+    exit_code = EXIT_USAGE
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one `gpt <command>: error: ...` line (exit 2) instead of the usage block."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# The front door (gpt.generate) names a bad sampling value by its field; the command line by its flag.
+GENERATE_FLAGS = {"max_new_tokens": "--max-new-tokens/-m", "temperature": "--temperature/-t", "top_k": "--top-k",
+                  "top_p": "--top-p", "seed": "--seed", "stop": "--stop", "prompt": "PROMPT"}
+
 
 def _default_checkpoint() -> Path:
-    try:
-        from gpt.config import load_paths
+    """`paths.model` from ./params.yaml (validated like every stage does); data/model where there is none."""
+    from gpt.config import PARAMS_FILE
 
-        return load_paths().model
-    except Exception:  # no params.yaml here: fall back to the documented default
+    if not PARAMS_FILE.is_file():  # outside the project: the documented default
         return Path("data/model")
+    from gpt.params import load_params
+
+    return load_params().paths.model
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _nonneg_float(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _top_p(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
     return value
 
 
@@ -79,11 +90,12 @@ def _add_generate(sub: Any) -> None:
     _add_checkpoint(gen)
     gen.add_argument("prompt", nargs="?", help="the prompt text (else --file, else stdin)")
     gen.add_argument("--file", "-f", type=Path, help="read the prompt from this file")
-    gen.add_argument("--max-new-tokens", "-m", type=_positive_int, default=100, help="default: 100")
-    gen.add_argument("--temperature", "-t", type=_nonneg_float, default=0.8, help="0 = greedy (default: 0.8)")
-    gen.add_argument("--top-k", type=_positive_int, default=None, help="sample from the k most likely tokens")
-    gen.add_argument("--top-p", type=_top_p, default=None, help="nucleus sampling threshold in (0, 1]")
-    gen.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    # sampling values are only parsed here; gpt.generate.SamplingSpec checks them (one rule for every caller)
+    gen.add_argument("--max-new-tokens", "-m", type=int, default=100, help="default: 100")
+    gen.add_argument("--temperature", "-t", type=float, default=0.8, help="0 = greedy (default: 0.8)")
+    gen.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
+    gen.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]")
+    gen.add_argument("--seed", type=int, default=None, help="makes sampling reproducible (0..2^63-1)")
     gen.add_argument("--num-samples", "-n", type=_positive_int, default=1, help="completions to generate")
     gen.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
     gen.add_argument("--no-prompt", action="store_true", help="print only the completion, not the prompt")
@@ -150,8 +162,8 @@ def _add_conversions(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gpt", description="Use a gpt-pipeline model: generate, inspect, serve, "
-                                     "quantize, export to / import from Hugging Face.")
+    parser = _Parser(prog="gpt", description="Use a gpt-pipeline model: generate, inspect, serve, quantize, "
+                                             "export to / import from Hugging Face.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_generate, _add_info, _add_serve, _add_conversions):
         add(sub)
@@ -164,34 +176,49 @@ def _read_prompt(args: argparse.Namespace) -> str:
     if args.file is not None:
         if not args.file.is_file():
             raise UsageError(f"--file: prompt file not found: {args.file}")
-        return args.file.read_text(encoding="utf-8")
+        try:
+            return args.file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise UsageError(f"--file: {args.file} is not UTF-8 text ({err.reason} at byte {err.start})") from None
     if args.prompt is not None:
         return args.prompt
     if sys.stdin is not None and not sys.stdin.isatty():
-        return sys.stdin.read()
+        try:
+            return sys.stdin.read()
+        except UnicodeDecodeError as err:
+            raise UsageError(f"stdin is not UTF-8 text ({err.reason} at byte {err.start})") from None
     raise UsageError("no prompt: give PROMPT, --file FILE, or pipe text on stdin")
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from gpt.serve.engine import SamplingParams, make_generator, stream_completion
-    from gpt.serve.loading import load_for_inference
+def _usage_error(err: GenerationInputError) -> UsageError:
+    return UsageError(f"{GENERATE_FLAGS.get(err.field, err.field)}: {err.reason}")
 
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from gpt.generate import (
+        GenerationInputError,
+        SamplingSpec,
+        encode_prompt,
+        make_generator,
+        stream_completion,
+    )
+    from gpt.model_dir import load
+
+    try:  # checked before the model loads: a bad value fails at once
+        spec = SamplingSpec(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
+    except GenerationInputError as err:
+        raise _usage_error(err) from None
     prompt = _read_prompt(args)
-    loaded = load_for_inference(args.checkpoint, device=args.device)
-    tok = loaded.tokenizer
-    ids = tok.encode(prompt) or ([tok.bos_id] if tok.bos_id >= 0 else [])
-    if not ids:
-        raise UsageError("the prompt is empty and the tokenizer has no BOS token to start from")
-    limit = loaded.max_seq_len - 1
-    if len(ids) > limit:
-        print(f"gpt generate: prompt has {len(ids)} tokens; keeping the last {limit} (max_seq_len)", file=sys.stderr)
-        ids = ids[-limit:]
+    loaded = load(args.checkpoint, device=args.device)
     try:
-        params = SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                                tuple(args.stop), args.seed)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
-    gen = make_generator(args.seed, next(loaded.model.parameters()).device)
+        encoded = encode_prompt(loaded.tokenizer, prompt, loaded.max_seq_len)
+    except GenerationInputError as err:
+        raise _usage_error(err) from None
+    if encoded.num_dropped:
+        print(f"gpt generate: prompt has {encoded.num_tokens} tokens; keeping the last {len(encoded.ids)} "
+              "(max_seq_len)", file=sys.stderr)
+    gen = make_generator(spec.seed, next(loaded.model.parameters()).device)  # the samples share one sequence
     out = sys.stdout
     total_tokens, total_seconds = 0, 0.0
     for i in range(args.num_samples):
@@ -201,7 +228,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             out.write(prompt)
         out.flush()
         start = time.perf_counter()
-        for delta in stream_completion(loaded.model, tok, ids, params, gen):
+        for delta in stream_completion(loaded.model, loaded.tokenizer, encoded.ids, spec, gen):
             out.write(delta.text)
             out.flush()
             if delta.finish_reason is not None:
@@ -241,7 +268,7 @@ def _print_info(info: dict[str, Any]) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from gpt.serve.loading import describe
+    from gpt.model_dir import describe
 
     info = describe(args.checkpoint)
     if args.json:
@@ -254,15 +281,15 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from gpt.model_dir import load
     from gpt.serve.app import create_app
     from gpt.serve.config import ServeConfig
-    from gpt.serve.loading import load_for_inference
 
     cfg = ServeConfig(host=args.host, port=args.port, max_prompt_tokens=args.max_prompt_tokens,
                       max_tokens=args.max_tokens, max_n=args.max_n,
                       default_max_tokens=args.default_max_tokens or min(args.max_tokens, ServeConfig.default_max_tokens),
                       max_body_bytes=args.max_body_bytes, max_queue=args.max_queue)
-    loaded = load_for_inference(args.checkpoint, device=args.device, name=args.name)
+    loaded = load(args.checkpoint, device=args.device, name=args.name)
     app = create_app(loaded, cfg)
     print(f"serving {loaded.name} from {loaded.directory} on http://{cfg.host}:{cfg.port}/ "
           "(web UI at /, API at /v1)", file=sys.stderr)
@@ -271,15 +298,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from gpt.quantize import quantize_checkpoint
+    from gpt.model_dir import save_quantized
 
-    out = quantize_checkpoint(args.checkpoint, args.out, args.dtype)
+    out = save_quantized(args.checkpoint, args.out, args.dtype)
     print(f"wrote {args.dtype} model to {out}")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from gpt.export import export_hf
+    from gpt.hf_dir import export_hf
 
     out = export_hf(args.checkpoint, args.out)
     print(f"wrote Hugging Face model to {out} (AutoModelForCausalLM / AutoTokenizer .from_pretrained)")
@@ -287,7 +314,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from gpt.export import import_hf
+    from gpt.hf_dir import import_hf
 
     out = import_hf(args.source, args.out)
     print(f"wrote model directory {out} (use: gpt generate --checkpoint {out} ...)")
@@ -298,18 +325,14 @@ COMMANDS = {"generate": cmd_generate, "info": cmd_info, "serve": cmd_serve, "qua
             "export": cmd_export, "import": cmd_import}
 
 
-def _known_errors() -> tuple[type[BaseException], ...]:
-    """Errors that deserve one clear line rather than a traceback."""
-    from gpt.config import ConfigError
+def _run(args: argparse.Namespace) -> int:
+    if getattr(args, "checkpoint", "unset") is None:
+        args.checkpoint = _default_checkpoint()
+    if getattr(args, "threads", None):
+        import torch
 
-    errors: list[type[BaseException]] = [ConfigError, FileNotFoundError, FileExistsError]
-    for module, name in (("gpt.checkpoint", "CheckpointError"), ("gpt.tokenizer", "TokenizerError"),
-                         ("gpt.quantize", "QuantizeError"), ("gpt.export", "ExportError")):
-        try:
-            errors.append(getattr(__import__(module, fromlist=[name]), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(errors)
+        torch.set_num_threads(args.threads)
+    return COMMANDS[args.command](args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -317,26 +340,22 @@ def main(argv: list[str] | None = None) -> int:
     # machine spinning threads steal the cores the working thread needs, and every small batch-1 decode matmul
     # then waits a scheduler time slice: measured 15 ms instead of 0.07 ms per INT8 layer (bench/README.md).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if getattr(args, "checkpoint", "unset") is None:
-        args.checkpoint = _default_checkpoint()
-    if getattr(args, "threads", None):
-        import torch
-
-        torch.set_num_threads(args.threads)
+    args = build_parser().parse_args(argv)  # bad usage: one line, exit 2 (_Parser.error)
+    where = f"gpt {args.command}"
     try:
-        return COMMANDS[args.command](args)
-    except UsageError as err:
-        print(f"gpt {args.command}: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+        return _run(args)
+    except GptError as err:  # every expected failure; UsageError exits 2, the rest 1
+        print(f"{where}: error: {err}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
-        print(f"\ngpt {args.command}: interrupted", file=sys.stderr)
+        print(f"\n{where}: interrupted", file=sys.stderr)  # after a half-written line of generated text
         return 130
-    except BrokenPipeError:  # e.g. `gpt generate ... | head`
+    except BrokenPipeError:  # e.g. `gpt generate ... | head`: the reader left; not an error
+        with contextlib.suppress(OSError):  # no "Exception ignored" when Python flushes stdout at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except _known_errors() as err:
-        print(f"gpt {args.command}: error: {err}", file=sys.stderr)
+    except OSError as err:  # the system refused (permission denied, disk full): the message names the file
+        print(f"{where}: error: {err}", file=sys.stderr)
         return EXIT_FAILURE
 
 

@@ -23,6 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from gpt.config import ConfigError
+from gpt.generate import GenerationInputError, SamplingSpec, generate_text, make_generator
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,11 +31,12 @@ class EvalConfig:
     """`evaluate:` params section."""
 
     max_windows: int | None = None  # null = the full validation split
-    seq_len: int | None = None  # null = the model's max_seq_len
+    seq_len: int | None = None  # null = the length the model was trained on (its lineage), else its max_seq_len
     batch_size: int = 16
     precision: Literal["auto", "fp32", "bf16"] = "fp32"
     device: str = "auto"
-    prompts: list[str] = dataclasses.field(default_factory=list)
+    prompts: list[str] = dataclasses.field(
+        default_factory=lambda: ["The", "Return the", "This module provides", "def", "If the"])
     max_new_tokens: int = 64
     temperature: float = 0.8
     top_k: int | None = 40
@@ -46,10 +48,17 @@ class EvalConfig:
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ConfigError(f"evaluate.{key}: must be >= 1 or null, got {value}")
-        if self.batch_size < 1 or self.max_new_tokens < 0:
-            raise ConfigError("evaluate.batch_size must be >= 1 and evaluate.max_new_tokens >= 0")
-        if self.temperature < 0:
-            raise ConfigError(f"evaluate.temperature: must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.batch_size < 1:
+            raise ConfigError(f"evaluate.batch_size: must be >= 1, got {self.batch_size}")
+        self.sampling_spec()  # the sampling values are checked by the generation front door, like everywhere
+
+    def sampling_spec(self) -> SamplingSpec:
+        """The samples' sampling settings (no samples at all: `prompts: []`)."""
+        try:
+            return SamplingSpec(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
+                                top_p=self.top_p, seed=self.seed)
+        except GenerationInputError as err:
+            raise ConfigError(f"evaluate.{err.field}: {err.reason}") from None
 
 
 @dataclasses.dataclass
@@ -119,26 +128,23 @@ def unigram_nats(log_probs: np.ndarray, target_counts: np.ndarray) -> float:
     return float(-(target_counts * log_probs[: len(target_counts)]).sum())
 
 
-@torch.no_grad()
 def generate_samples(model: nn.Module, tokenizer, prompts: list[str], cfg: EvalConfig,
                      device: torch.device) -> tuple[list[tuple[str, str]], float]:
-    """Continue each prompt (batch 1, fixed seed); returns [(prompt, prompt + continuation)] and decode tokens/s."""
+    """Continue each prompt through the generation front door (gpt.generate: the same prompt encoding, start token
+    and sampling as `gpt generate` and the server), drawing from one generator seeded with `evaluate.seed`.
+    Returns [(prompt, prompt + continuation)] and the batch-1 decode rate in tokens/s."""
     model.eval()
+    spec = cfg.sampling_spec()
     if prompts:  # warm-up (first-call allocations), so the timing below is the steady decode rate
-        model.generate(torch.tensor([[tokenizer.eos_id]], device=device), max_new_tokens=4)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+        generate_text(model, tokenizer, prompts[0], dataclasses.replace(spec, max_new_tokens=4, temperature=0.0))
+    generator = make_generator(spec.seed, device)
     samples, new_tokens, seconds = [], 0, 0.0
     for prompt in prompts:
-        ids = tokenizer.encode(prompt) or [tokenizer.eos_id]  # empty prompt: start as after a document
-        input_ids = torch.tensor([ids], dtype=torch.long, device=device)
         start = time.perf_counter()
-        out = model.generate(input_ids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                             top_k=cfg.top_k, top_p=cfg.top_p, eos_token_id=tokenizer.eos_id, generator=generator)
+        completion = generate_text(model, tokenizer, prompt, spec, generator)
         seconds += time.perf_counter() - start
-        continuation = [t for t in out[0, len(ids):].tolist() if t != tokenizer.eos_id]
-        new_tokens += out.shape[1] - len(ids)
-        # decode prompt + continuation together: sentencepiece drops the leading space of a lone continuation
-        samples.append((prompt, tokenizer.decode(ids + continuation)))
+        new_tokens += completion.completion_tokens
+        samples.append((prompt, prompt + completion.text))
     return samples, (new_tokens / seconds if seconds > 0 else 0.0)
 
 

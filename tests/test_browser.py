@@ -9,9 +9,9 @@ import time
 import httpx
 import pytest
 
+from gpt.model_dir import load
 from gpt.serve.app import create_app
 from gpt.serve.config import ServeConfig
-from gpt.serve.loading import load_for_inference
 from tests.conftest import live_server
 
 pytestmark = pytest.mark.slow
@@ -24,7 +24,7 @@ PROMPT = "the cat saw"
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
-    app = create_app(load_for_inference(tiny_model_dir, name="tiny"), ServeConfig(max_tokens=100_000))
+    app = create_app(load(tiny_model_dir, name="tiny"), ServeConfig(max_tokens=100_000))
     with live_server(app) as url:
         yield url, app
 

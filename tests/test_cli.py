@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from gpt.cli import main
-from gpt.serve.loading import load_for_inference
+from gpt.model_dir import load
 
 PROMPT = "the cat saw"
 
@@ -25,7 +25,7 @@ def run(capsys, *argv):
 
 
 def greedy_text(model_dir, prompt: str, n: int) -> str:
-    loaded = load_for_inference(model_dir)
+    loaded = load(model_dir)
     tok = loaded.tokenizer
     ids = tok.encode(prompt)
     new = loaded.model.generate(torch.tensor([ids]), n, temperature=0.0, eos_token_id=tok.eos_id)[0, len(ids):]
@@ -63,7 +63,7 @@ def test_info_reports_config_tokenizer_lineage_size(capsys, tiny_model_dir):
     code, out, _ = run(capsys, "info", "-c", tiny_model_dir, "--json")
     info = json.loads(out)
     assert code == 0 and info["config"]["d_model"] == 32
-    assert info["parameters"] == load_for_inference(tiny_model_dir).model.num_parameters()
+    assert info["parameters"] == load(tiny_model_dir).model.num_parameters()
     assert info["tokenizer"]["matches_lineage"] is True
     assert info["size_on_disk_bytes"] == sum(p.stat().st_size for p in tiny_model_dir.iterdir())
     code, text, _ = run(capsys, "info", "-c", tiny_model_dir)

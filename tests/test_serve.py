@@ -12,10 +12,11 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from gpt.generate import SamplingSpec, TextStream, stream_completion
+from gpt.model_dir import load
 from gpt.serve.app import create_app
 from gpt.serve.config import ServeConfig
-from gpt.serve.engine import Job, QueueFull, SamplingParams, TextStream, Worker, stream_completion
-from gpt.serve.loading import load_for_inference
+from gpt.serve.engine import Job, QueueFull, Worker
 from tests.conftest import live_server
 
 PROMPT = "the cat saw"
@@ -23,7 +24,7 @@ PROMPT = "the cat saw"
 
 @pytest.fixture(scope="module")
 def loaded(tiny_model_dir):
-    return load_for_inference(tiny_model_dir, name="tiny")
+    return load(tiny_model_dir, name="tiny")
 
 
 @pytest.fixture(scope="module")
@@ -193,8 +194,8 @@ def test_engine_stops_when_cancelled(loaded):
         calls["n"] += 1
         return calls["n"] > 3
 
-    params = SamplingParams(max_tokens=50, temperature=1.0, seed=0)
-    deltas = list(stream_completion(loaded.model, loaded.tokenizer, loaded.tokenizer.encode(PROMPT), params,
+    spec = SamplingSpec(max_new_tokens=50, temperature=1.0, seed=0)
+    deltas = list(stream_completion(loaded.model, loaded.tokenizer, loaded.tokenizer.encode(PROMPT), spec,
                                     None, cancelled))
     assert deltas[-1].finish_reason == "cancelled" and deltas[-1].num_tokens == 3
 

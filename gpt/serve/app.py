@@ -8,6 +8,8 @@ Routes
                          (`stream: true` → server-sent events in OpenAI's chunk format, then `data: [DONE]`;
                          `stream_options: {"include_usage": true}` adds a usage chunk before [DONE])
 
+What a completion is (sampling values, prompt encoding, empty-prompt start token, streamed text, stop strings)
+is decided by the generation front door, gpt/generate.py; this module adds HTTP, limits and queueing.
 Generations run one at a time on a single worker thread fed by a bounded FIFO queue (see engine.py for why);
 a full queue answers 503. When a client disconnects, its job is cancelled: dropped if still queued, stopped
 between two tokens if running. Invalid requests get 400 (413 for an oversized body, 404 for an unknown model)
@@ -30,9 +32,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
+from gpt.generate import GenerationInputError, SamplingSpec, encode_prompt, make_generator, stream_completion
+from gpt.model_dir import LoadedModel
 from gpt.serve.config import ServeConfig
-from gpt.serve.engine import Job, QueueFull, SamplingParams, Worker, make_generator, stream_completion
-from gpt.serve.loading import LoadedModel
+from gpt.serve.engine import Job, QueueFull, Worker
 
 
 class APIError(Exception):
@@ -103,8 +106,13 @@ class BodySizeLimit:
         await err.response()(scope, receive, send)
 
 
-def _validate(req: CompletionRequest, loaded: LoadedModel, cfg: ServeConfig) -> tuple[list[int], SamplingParams]:
-    """Check a request against the limits; return the prompt's token ids and the sampling params."""
+# The front door names fields as gpt.generate does; the API spells one of them OpenAI's way.
+API_PARAM = {"max_new_tokens": "max_tokens"}
+
+
+def _validate(req: CompletionRequest, loaded: LoadedModel, cfg: ServeConfig) -> tuple[list[int], SamplingSpec]:
+    """Check a request: sampling values and the prompt through the front door (gpt.generate), then this
+    server's limits. Returns the prompt's token ids and the sampling spec."""
     if req.model not in (None, "", loaded.name):
         raise APIError(404, f"model {req.model!r} not found; this server serves {loaded.name!r}", "model",
                        "model_not_found")
@@ -118,34 +126,29 @@ def _validate(req: CompletionRequest, loaded: LoadedModel, cfg: ServeConfig) -> 
         if len(prompt) != 1:
             raise APIError(400, "prompt: give one string (batches of prompts are not supported)", "prompt")
         prompt = prompt[0]
-    ids = loaded.tokenizer.encode(prompt)
-    if not ids:  # an empty prompt starts from BOS
-        bos = loaded.tokenizer.bos_id
-        ids = [bos] if bos is not None and bos >= 0 else []
-    if not ids:
-        raise APIError(400, "prompt: must not be empty", "prompt")
-    limit = min(cfg.max_prompt_tokens, loaded.max_seq_len - 1)
-    if len(ids) > limit:
-        raise APIError(400, f"prompt: {len(ids)} tokens, the limit is {limit}", "prompt", "context_length_exceeded")
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stop) > cfg.max_stop:
+        raise APIError(400, f"stop: up to {cfg.max_stop} non-empty strings", "stop")
     max_tokens = cfg.default_max_tokens if req.max_tokens is None else req.max_tokens
-    if not 1 <= max_tokens <= cfg.max_tokens:
+    try:
+        spec = SamplingSpec(max_new_tokens=max_tokens, temperature=req.temperature, top_k=req.top_k,
+                            top_p=req.top_p, seed=req.seed, stop=tuple(stop))
+        encoded = encode_prompt(loaded.tokenizer, prompt, loaded.max_seq_len)
+    except GenerationInputError as err:
+        param = API_PARAM.get(err.field, err.field)
+        raise APIError(400, f"{param}: {err.reason}", param) from None
+    if max_tokens > cfg.max_tokens:
         raise APIError(400, f"max_tokens: {max_tokens} is outside 1..{cfg.max_tokens}", "max_tokens")
     if not 1 <= req.n <= cfg.max_n:
         raise APIError(400, f"n: {req.n} is outside 1..{cfg.max_n}", "n")
-    if not 0.0 <= req.temperature <= 2.0:
-        raise APIError(400, f"temperature: {req.temperature} is outside 0..2", "temperature")
-    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    if len(stop) > cfg.max_stop or any(not s for s in stop):
-        raise APIError(400, f"stop: up to {cfg.max_stop} non-empty strings", "stop")
-    try:
-        params = SamplingParams(max_tokens, req.temperature, req.top_k, req.top_p, tuple(stop), req.seed)
-    except ValueError as err:
-        param = str(err).split(":", 1)[0]
-        raise APIError(400, str(err), param) from None
-    return ids, params
+    limit = min(cfg.max_prompt_tokens, loaded.max_seq_len - 1)
+    if encoded.num_tokens > limit:
+        raise APIError(400, f"prompt: {encoded.num_tokens} tokens, the limit is {limit}", "prompt",
+                       "context_length_exceeded")
+    return encoded.ids, spec
 
 
-def _submit(app: FastAPI, prompt_ids: list[int], params: SamplingParams, n: int) -> tuple[Job, asyncio.Queue]:
+def _submit(app: FastAPI, prompt_ids: list[int], spec: SamplingSpec, n: int) -> tuple[Job, asyncio.Queue]:
     """Queue a job producing `(choice_index, Delta)` items, then None (or an Exception) on an asyncio queue."""
     loop = asyncio.get_running_loop()
     out: asyncio.Queue = asyncio.Queue()
@@ -158,9 +161,9 @@ def _submit(app: FastAPI, prompt_ids: list[int], params: SamplingParams, n: int)
     def run(cancelled: Any) -> None:
         try:
             device = next(loaded.model.parameters()).device
-            gen = make_generator(params.seed, device)
+            gen = make_generator(spec.seed, device)  # the n samples are drawn in turn from one seeded sequence
             for index in range(n):
-                for delta in stream_completion(loaded.model, loaded.tokenizer, prompt_ids, params, gen, cancelled):
+                for delta in stream_completion(loaded.model, loaded.tokenizer, prompt_ids, spec, gen, cancelled):
                     put((index, delta))
                     if delta.finish_reason is not None:
                         stats["completion_tokens"] += delta.num_tokens
@@ -290,8 +293,8 @@ def create_app(loaded: LoadedModel, config: ServeConfig | None = None) -> FastAP
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
-        prompt_ids, params = _validate(body, loaded, cfg)
-        job, out = _submit(app, prompt_ids, params, body.n)
+        prompt_ids, spec = _validate(body, loaded, cfg)
+        job, out = _submit(app, prompt_ids, spec, body.n)
         cid = f"cmpl-{uuid.uuid4().hex[:24]}"
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))

@@ -1,0 +1,302 @@
+"""The one generation front door: prompt text → token ids → KV-cached sampling → streamed text.
+
+Everything that turns a prompt into text goes through here — `gpt generate` (gpt/cli.py), the server
+(gpt/serve/app.py, which adds only queueing and HTTP) and evaluation samples (gpt/eval.py) — so they agree on:
+
+- which sampling values are valid: `SamplingSpec` is the only place they are checked. A bad value raises
+  `GenerationInputError` whose `field` names it; each caller spells the field its own way in the one-line message
+  (`--top-p` on the command line, `top_p` in the API, `evaluate.top_p` in params.yaml);
+- how a prompt becomes token ids: `encode_prompt` (an empty prompt starts from `start_token_id`, a prompt longer
+  than the context keeps its last tokens, text that is not valid Unicode is refused);
+- how token ids become text: `TextStream` decodes incrementally and emits only *stable* text — it holds back an
+  incomplete UTF-8 character (byte-fallback pieces decode to U+FFFD until its last byte arrives) and a tail that
+  could still grow into a stop string, and cuts exactly at the first stop string;
+- the stream itself: `stream_completion` drives `model.stream` (gpt/model/generation.py: prefill once, then one
+  cached step per token) and yields `Delta`s (text, completion tokens so far, and on the last one the finish
+  reason "stop" | "length" | "cancelled"); `generate_text` collects one whole `Completion`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from gpt.errors import GptError
+
+REPLACEMENT_CHAR = "\ufffd"
+SEED_LIMIT = 2**63  # seeds are signed 64-bit integers everywhere they travel (torch, JSON clients, numpy)
+# Below this a temperature is greedy in all but name, and far below it float32 logits / temperature overflow to
+# inf and sampling fails; 0 is the way to ask for greedy decoding.
+MIN_TEMPERATURE = 1e-6
+FINISH_REASONS = ("stop", "length", "cancelled")
+
+
+class GenerationInputError(GptError, ValueError):
+    """A sampling value or a prompt that generation cannot use. `field` names it (`temperature`, `top_k`, `top_p`,
+    `max_new_tokens`, `seed`, `stop`, `prompt`), `reason` says what is wrong; callers re-spell the field."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"{field}: {reason}")
+        self.field, self.reason = field, reason
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSpec:
+    """How to sample one completion; checked on construction. temperature 0 = greedy (top_k/top_p are unused)."""
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int | None = None  # sample from the k most likely tokens
+    top_p: float | None = None  # nucleus sampling: the smallest set of tokens holding this much probability
+    seed: int | None = None  # None = seeded from the clock
+    stop: tuple[str, ...] = ()  # the completion ends before the first of these strings
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise GenerationInputError("max_new_tokens", f"must be >= 1, got {self.max_new_tokens!r}")
+        t = self.temperature
+        if not _is_number(t) or t < 0:
+            raise GenerationInputError("temperature", f"must be >= 0 (0 = greedy), got {t!r}")
+        if 0 < t < MIN_TEMPERATURE:
+            raise GenerationInputError("temperature", f"must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {t!r}")
+        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
+            raise GenerationInputError("top_k", f"must be >= 1 (or unset), got {self.top_k!r}")
+        if self.top_p is not None and (not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0):
+            raise GenerationInputError("top_p", f"must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < SEED_LIMIT):
+            raise GenerationInputError("seed", f"must be an integer in 0..2^63-1, got {self.seed!r}")
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        if any(not isinstance(s, str) for s in stop):
+            raise GenerationInputError("stop", f"stop strings must be strings, got {list(stop)!r}")
+        if any(not s for s in stop):
+            raise GenerationInputError("stop", "stop strings must be non-empty")
+        object.__setattr__(self, "stop", stop)
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """The sampling arguments of `model.stream` / `model.generate`."""
+        return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_k": self.top_k,
+                "top_p": self.top_p}
+
+
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch.Generator seeded from `seed` (from the clock when None)."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed if seed is not None else time.time_ns() % SEED_LIMIT)
+    return gen
+
+
+# ---------------------------------------------------------------- prompt → token ids
+def start_token_id(tokenizer: Any) -> int:
+    """The token an empty prompt starts from: EOS (BOS only for a tokenizer without EOS).
+
+    Why EOS and not BOS: the tokenize stage ends every document with EOS and never writes BOS
+    (gpt/data/tokenize.py), so during training "a new document begins" is always the position after an EOS, while
+    BOS never occurs and its embedding is untrained. Starting from EOS asks the model exactly what it learned: the
+    first tokens of a document. (GPT-2-style tokenizers imported from Hugging Face have BOS = EOS anyway.)
+    """
+    for token_id in (getattr(tokenizer, "eos_id", -1), getattr(tokenizer, "bos_id", -1)):
+        if isinstance(token_id, int) and token_id >= 0:
+            return token_id
+    raise GenerationInputError("prompt", "is empty and the tokenizer has neither an EOS nor a BOS token to start "
+                                         "from; give some text")
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    """A prompt as the model sees it: `ids` fit the context with room for a new token; `num_dropped` leading
+    tokens were cut to get there (callers that refuse long prompts check it)."""
+
+    ids: list[int]
+    num_dropped: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        """The prompt's length before any truncation."""
+        return len(self.ids) + self.num_dropped
+
+
+def encode_prompt(tokenizer: Any, text: str, max_seq_len: int) -> Prompt:
+    """Prompt text → token ids: empty → [start_token_id]; over `max_seq_len - 1` tokens → the last ones."""
+    if not isinstance(text, str):
+        raise GenerationInputError("prompt", f"must be text, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:  # lone surrogates: JSON "\ud800", or undecodable bytes in argv
+        bad = text[err.start]
+        raise GenerationInputError(
+            "prompt", f"is not valid Unicode text (lone surrogate U+{ord(bad):04X} at character {err.start})"
+        ) from None
+    ids = list(tokenizer.encode(text)) or [start_token_id(tokenizer)]
+    keep = max(1, max_seq_len - 1)
+    if len(ids) > keep:
+        return Prompt(ids[-keep:], len(ids) - keep)
+    return Prompt(ids)
+
+
+# ---------------------------------------------------------------- token ids → text
+@dataclasses.dataclass
+class Delta:
+    """A piece of streamed output. `finish_reason` ("stop" | "length" | "cancelled") is set on the last one."""
+
+    text: str
+    num_tokens: int  # completion tokens produced so far (a stop-ending EOS is not counted)
+    finish_reason: str | None = None
+    token_ids: list[int] = dataclasses.field(default_factory=list)  # tokens produced since the previous delta
+
+
+class TextStream:
+    """Turns completion token ids into stable text deltas, cutting at the first stop string."""
+
+    def __init__(self, tokenizer: Any, prompt_ids: Sequence[int], stop: tuple[str, ...] = ()):
+        self.tokenizer = tokenizer
+        # Decoding a few prompt tokens in front keeps the completion's leading space (sentencepiece drops the
+        # "▁" of the first piece of a decoded sequence).
+        self.anchor = list(prompt_ids[-4:])
+        self.anchor_text = tokenizer.decode(self.anchor) if self.anchor else ""
+        self.stop = stop
+        self.ids: list[int] = []
+        self.text = ""
+        self.emitted = 0
+        self.stopped = False
+
+    def _decode(self) -> str:
+        full = self.tokenizer.decode(self.anchor + self.ids)
+        if self.anchor and full.startswith(self.anchor_text):
+            return full[len(self.anchor_text):]
+        return self.tokenizer.decode(self.ids)
+
+    def push(self, token_ids: Sequence[int]) -> str:
+        """Add tokens; return the newly stable text (sets `stopped` when a stop string appeared)."""
+        self.ids.extend(token_ids)
+        self.text = self._decode()
+        cut = self._stop_index()
+        if cut is not None:
+            self.text = self.text[:cut]
+            self.stopped = True
+            return self._emit(len(self.text))
+        safe = len(self.text)
+        # an incomplete UTF-8 character is at most 3 bytes, each decoded as U+FFFD until the last one arrives
+        while safe > max(self.emitted, len(self.text) - 3) and self.text[safe - 1] == REPLACEMENT_CHAR:
+            safe -= 1
+        if self.stop:  # keep back a tail that may be the beginning of a stop string
+            longest = max(len(s) for s in self.stop)
+            for k in range(min(longest - 1, safe - self.emitted), 0, -1):
+                tail = self.text[safe - k:safe]
+                if any(s.startswith(tail) for s in self.stop):
+                    safe -= k
+                    break
+        return self._emit(safe)
+
+    def _stop_index(self) -> int | None:
+        # search from a little before what was emitted: a stop string can straddle the boundary
+        start = max(0, self.emitted - max((len(s) for s in self.stop), default=0))
+        hits = [i for s in self.stop if (i := self.text.find(s, start)) >= 0]
+        return min(hits) if hits else None
+
+    def _emit(self, upto: int) -> str:
+        upto = max(upto, self.emitted)
+        out = self.text[self.emitted:upto]
+        self.emitted = upto
+        return out
+
+    def flush(self) -> str:
+        """The held-back rest, at the end of the completion."""
+        return self._emit(len(self.text))
+
+
+# ---------------------------------------------------------------- the stream
+def _token_ids(step: Any) -> list[int]:
+    """The model's stream yields the new token(s) of one step (tensor [1, k], [k] or an int); flatten them."""
+    if isinstance(step, torch.Tensor):
+        return [int(t) for t in step.reshape(-1).tolist()]
+    if isinstance(step, int):
+        return [step]
+    return [int(t) for t in step]
+
+
+def _eos_id(tokenizer: Any) -> int | None:
+    eos = getattr(tokenizer, "eos_id", None)
+    return eos if isinstance(eos, int) and eos >= 0 else None
+
+
+def stream_completion(model: Any, tokenizer: Any, prompt_ids: Sequence[int], spec: SamplingSpec,
+                      generator: torch.Generator | None = None,
+                      cancelled: Callable[[], bool] = lambda: False) -> Iterator[Delta]:
+    """Generate one completion of `prompt_ids` (from `encode_prompt`), yielding text deltas; the last delta carries
+    the finish reason. `generator` defaults to one seeded from `spec.seed`; pass one to draw several samples from
+    one seeded sequence. `cancelled` is polled between tokens (a server's client went away)."""
+    device = next(model.parameters()).device
+    generator = generator if generator is not None else make_generator(spec.seed, device)
+    input_ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
+    eos = _eos_id(tokenizer)
+    text = TextStream(tokenizer, prompt_ids, spec.stop)
+    finish, pending, sent = "length", "", 0
+
+    def new_ids() -> list[int]:
+        nonlocal sent
+        ids, sent = text.ids[sent:], len(text.ids)
+        return ids
+    steps = model.stream(input_ids, eos_token_id=eos, generator=generator, **spec.model_kwargs())
+    try:
+        with torch.inference_mode():
+            for step in steps:
+                if cancelled():
+                    finish = "cancelled"
+                    break
+                ids = _token_ids(step)
+                if eos is not None and eos in ids:
+                    ids = ids[:ids.index(eos)]
+                    finish = "stop"
+                delta = text.push(ids) if ids else ""
+                if text.stopped:
+                    finish = "stop"
+                if finish == "stop" or len(text.ids) >= spec.max_new_tokens:
+                    pending = delta
+                    break
+                if delta:
+                    yield Delta(delta, len(text.ids), token_ids=new_ids())
+    finally:
+        close = getattr(steps, "close", None)
+        if close is not None:
+            close()
+    tail = "" if finish == "cancelled" else pending + text.flush()
+    yield Delta(tail, len(text.ids), finish, new_ids())
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+    """One whole completion: the generated text (without the prompt), why it ended, and token counts."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    token_ids: list[int]  # the completion's tokens (without a final EOS)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+def generate_text(model: Any, tokenizer: Any, prompt: str, spec: SamplingSpec,
+                  generator: torch.Generator | None = None) -> Completion:
+    """Complete `prompt` in one call (the streamed deltas joined)."""
+    encoded = encode_prompt(tokenizer, prompt, int(model.config.max_seq_len))
+    pieces, finish, ids = [], "length", []
+    for delta in stream_completion(model, tokenizer, encoded.ids, spec, generator):
+        pieces.append(delta.text)
+        ids += delta.token_ids
+        finish = delta.finish_reason or finish
+    return Completion("".join(pieces), finish, len(encoded.ids), ids)
