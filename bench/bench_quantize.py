@@ -28,11 +28,10 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import write_section
-from gpt.checkpoint import save_model
+from gpt.inference import prepare_for_inference
 from gpt.model import DecoderOnlyTransformer, ModelConfig
+from gpt.model_dir import WEIGHTS_FILE, load_model, save_model, save_quantized
 from gpt.params import load_params
-from gpt.quantize import quantize_checkpoint
-from gpt.serve.loading import load_weights
 
 VARIANTS = ("fp32", "bf16", "int8")
 
@@ -95,15 +94,15 @@ def layer_table(repeats: int = 30) -> str:
 def _variant_dirs(src: Path, work: Path) -> dict[str, Path]:
     dirs = {"fp32": src}
     for dtype in ("bf16", "int8"):
-        dirs[dtype] = quantize_checkpoint(src, work / dtype, dtype)
+        dirs[dtype] = save_quantized(src, work / dtype, dtype)
     return dirs
 
 
 def bench_model(label: str, src: Path, work: Path, args: argparse.Namespace, val_dir: Path | None) -> list[dict]:
     rows = []
     for variant, directory in _variant_dirs(src, work).items():
-        model = load_weights(directory)
-        row = {"model": label, "variant": variant, "size_mb": (directory / "model.safetensors").stat().st_size / 1e6,
+        model = prepare_for_inference(load_model(directory))  # as `gpt generate` loads it (gpt.model_dir.load)
+        row = {"model": label, "variant": variant, "size_mb": (directory / WEIGHTS_FILE).stat().st_size / 1e6,
                "tok_s": decode_tokens_per_s(model, args.new_tokens, args.repeats)}
         if val_dir is not None:
             row["ppl"] = perplexity(model, val_dir, min(model.config.max_seq_len, args.seq_len), args.val_windows)
@@ -166,12 +165,12 @@ def main() -> None:
             rows += bench_model("seed config (random init)", _seed_model_dir(work), work / "seed", args, None)
         trained = args.trained or paths.model
         if "trained" in args.models:
-            if (trained / "model.safetensors").is_file():
+            if (trained / WEIGHTS_FILE).is_file():
                 val = paths.shards / "val"
                 rows += bench_model(f"trained ({trained})", trained, work / "trained", args,
                                     val if (val / "manifest.json").is_file() else None)
             else:
-                print(f"skipping the trained model: {trained}/model.safetensors not found (run `make repro`)")
+                print(f"skipping the trained model: {trained / WEIGHTS_FILE} not found (run `make repro`)")
     text = f"{markdown(rows)}\n\n{machine()}"
     print()
     print(text)

@@ -99,9 +99,22 @@ def make_temp_dir(final: str | Path) -> Path:
     return tmp
 
 
+def _set_ordinary_modes(root: Path) -> None:
+    """0666/0777 minus the umask on everything under `root`: some writers create 0600 files (safetensors'
+    save_file, hence transformers' save_pretrained), and an output is an ordinary file."""
+    mask = _umask()
+    for dirpath, _dirnames, filenames in os.walk(root):
+        os.chmod(dirpath, 0o777 & ~mask)
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask)
+
+
 def replace_dir(tmp: str | Path, final: str | Path) -> Path:
     """Make the finished `tmp` directory durable and move it to `final`, replacing what was there."""
     tmp, final = Path(tmp), Path(final)
+    _set_ordinary_modes(tmp)
     fsync_tree(tmp)
     old = None
     if final.exists() or final.is_symlink():

@@ -16,9 +16,10 @@ import csv
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from gpt.atomic import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -195,14 +196,5 @@ def render_training_plot(live_dir: Path, out_png: Path, eval_json: Path | None =
 
 
 def _save_png(fig, out_png: Path) -> Path:
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(f".{out_png.name}.{os.getpid()}.tmp")  # plain open: the file gets the umask's mode
-    try:
-        with open(tmp, "wb") as f:
-            # Software=None drops matplotlib's version stamp; PNGs from Agg carry no time by default.
-            fig.savefig(f, format="png", dpi=DPI, metadata={"Software": None})
-        os.replace(tmp, out_png)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return out_png
+    # Software=None drops matplotlib's version stamp; PNGs from Agg carry no time by default.
+    return write_atomic(out_png, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI, metadata={"Software": None}))

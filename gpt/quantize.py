@@ -1,10 +1,11 @@
-"""Smaller and faster copies of a model directory: INT8 weights for CPU inference, and bf16/fp16 weight copies.
+"""INT8 weights for CPU inference: the tensor and module code (no files; gpt.model_dir writes and reads the
+quantized copies of a model directory, `gpt quantize` → `model_dir.save_quantized`).
 
-INT8 (`quantize_checkpoint(src, out, "int8")`): every `nn.Linear` (attention, MLP, LM head) and the token
-embedding get per-output-channel symmetric INT8 weights, `w ≈ int8 * scale[out]`, scale = max|w_row| / 127.
-On disk they are plain int8 and float32 tensors in `model.safetensors` (no quantized tensor types, no pickle),
-with `quantization.json` saying what was quantized; norms, biases and position tables stay float32. At load time
-the embedding is dequantized (a lookup is cheap) and each Linear becomes an `Int8Linear`.
+INT8: every `nn.Linear` (attention, MLP, LM head) and the token embedding get per-output-channel symmetric INT8
+weights, `w ≈ int8 * scale[out]`, scale = max|w_row| / 127. `int8_state_dict` gives the tensors to store: plain
+int8 and float32 tensors (no quantized tensor types, no pickle); norms, biases and position tables stay float32.
+`build_int8_model` turns them back into a model: the embedding is dequantized (a lookup is cheap) and each Linear
+becomes an `Int8Linear`.
 
 Why this design and which kernel. Batch-1 decoding on a CPU is memory-bound (every token reads every weight),
 so storing a quarter of the bytes is what makes it faster. torch 2.13 still ships the fbgemm dynamic-quantized
@@ -15,30 +16,22 @@ whose CPU path wants torch.compile). So the *file format* doesn't depend on them
 int8 weights for fbgemm when that backend exists, and otherwise falls back to the maintained core op
 `torch.ops.aten._weight_int8pack_mm` (weight-only INT8 with bf16 activations), with the same numbers on disk.
 
-bf16 / fp16: the weights cast and saved with `gpt.checkpoint.save_model`; loaded back in that dtype.
+bf16 / fp16 copies are just the weights cast (`DTYPES`), saved and loaded by gpt.model_dir in that dtype.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
 import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from gpt.atomic import atomic_directory
 from gpt.errors import GptError
+from gpt.model import DecoderOnlyTransformer, ModelConfig
 
-QUANT_FILE = "quantization.json"
-FORMAT = "gpt-pipeline-quantized"
-VERSION = 1
-DTYPES = {"int8": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-COPIED_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "lineage.json")
+DTYPES = {"int8": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # None: per-channel INT8 (Int8Linear)
 KERNELS = ("fbgemm", "int8pack")
 
 
@@ -109,8 +102,9 @@ def _linear_names(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
-def _int8_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Tensors to store for an INT8 copy: int8 + scale for Linear weights and the embedding, the rest as is."""
+def int8_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Tensors to store for an INT8 copy and the names of the quantized ones: each quantized `name` becomes
+    int8 `name` + float32 `name_scale` (Linear weights and the embedding); everything else float32 as is."""
     tied = bool(getattr(model.config, "tie_embeddings", False))
     state = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
     quantized = [f"{n}.weight" for n in _linear_names(model)] + ["tok_embeddings.weight"]
@@ -123,79 +117,15 @@ def _int8_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
     return state, quantized
 
 
-def _write_dir_atomic(out: Path, fill) -> Path:
-    """Create the new directory `out` by filling a temp sibling and renaming it into place (gpt.atomic)."""
-    out = Path(out)
-    if out.exists():
-        raise QuantizeError(f"output directory already exists: {out} (choose a new --out)")
-    with atomic_directory(out) as tmp:
-        fill(tmp)
-    return out
-
-
-def _copy_side_files(src: Path, dst: Path) -> None:
-    for name in COPIED_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
-
-
-def quantize_checkpoint(src: str | Path, out: str | Path, dtype: str) -> Path:
-    """Write an `int8` / `bf16` / `fp16` copy of model directory `src` to the new directory `out`."""
-    from gpt.checkpoint import load_model, save_model
-    from gpt.serve.loading import check_model_dir, quantization_info
-
-    if dtype not in DTYPES:
-        raise QuantizeError(f"dtype: {dtype!r} is not one of {list(DTYPES)}")
-    src = check_model_dir(src)
-    if quantization_info(src) is not None:
-        raise QuantizeError(f"{src} is already quantized ({src / QUANT_FILE}); quantize the fp32 model instead")
-    model = load_model(src)
-    config_doc = json.loads((src / "config.json").read_text(encoding="utf-8"))
-    info = {"format": FORMAT, "version": VERSION, "dtype": dtype, "source": str(src)}
-
-    def fill(tmp: Path) -> None:
-        if dtype == "int8":
-            state, quantized = _int8_state(model)
-            info.update(method="per-channel symmetric INT8 weights (Linear layers + embedding)", quantized=quantized)
-            save_file(state, str(tmp / "model.safetensors"), metadata={"format": FORMAT, "dtype": dtype})
-            (tmp / "config.json").write_text(json.dumps(config_doc, indent=2, sort_keys=True) + "\n", "utf-8")
-        else:
-            info.update(method=f"{dtype} weight copy")
-            save_model(model.to(DTYPES[dtype]), tmp, metadata={**config_doc.get("metadata", {}), "dtype": dtype})
-        _copy_side_files(src, tmp)
-        (tmp / QUANT_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-    return _write_dir_atomic(Path(out), fill)
-
-
-def _read_info(directory: Path) -> dict[str, Any]:
-    path = directory / QUANT_FILE
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise QuantizeError(f"{path}: cannot read ({err})") from err
-    if info.get("format") != FORMAT or info.get("dtype") not in DTYPES:
-        raise QuantizeError(f"{path}: not a {FORMAT} file with dtype in {list(DTYPES)}")
-    return info
-
-
-def load_quantized(directory: str | Path, device: str = "cpu", kernel: str | None = None) -> nn.Module:
-    """Load a directory written by `quantize_checkpoint` (eval mode)."""
-    from gpt.checkpoint import load_config, load_model
-    from gpt.model import DecoderOnlyTransformer
-
-    directory = Path(directory)
-    info = _read_info(directory)
-    if info["dtype"] != "int8":
-        return load_model(directory, device=device, dtype=DTYPES[info["dtype"]]).eval()
-    config = load_config(directory)
-    state = load_file(str(directory / "model.safetensors"))
+def build_int8_model(config: ModelConfig, state: dict[str, torch.Tensor], quantized: list[str],
+                     kernel: str | None = None) -> DecoderOnlyTransformer:
+    """The model for `int8_state_dict`'s tensors: Linear layers swapped for `Int8Linear`, the embedding
+    dequantized (eval mode, CPU). Raises QuantizeError naming the tensors that are missing or unexpected."""
     model = DecoderOnlyTransformer(config)
-    quantized = set(info["quantized"])
     missing = [k for k in quantized if k not in state or k + "_scale" not in state]
     if missing:
-        raise QuantizeError(f"{directory / 'model.safetensors'}: missing quantized tensors {missing[:5]}")
-    plain = {k: v for k, v in state.items() if k not in quantized and not k.endswith("_scale")}
+        raise QuantizeError(f"missing quantized tensors {missing[:5]}")
+    plain = {k: v for k, v in state.items() if k not in set(quantized) and not k.endswith("_scale")}
     plain["tok_embeddings.weight"] = dequantize(state["tok_embeddings.weight"], state["tok_embeddings.weight_scale"])
     if config.tie_embeddings:
         model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())  # untie before replacing
@@ -203,14 +133,11 @@ def load_quantized(directory: str | Path, device: str = "cpu", kernel: str | Non
     linear_weights = {f"{n}.weight" for n in _linear_names(model)}
     missing_plain = [k for k in result.missing_keys if k not in linear_weights]
     if missing_plain or result.unexpected_keys:
-        raise QuantizeError(f"{directory / 'model.safetensors'} does not match config.json: missing "
-                            f"{missing_plain[:5]}, unexpected {result.unexpected_keys[:5]}")
+        raise QuantizeError(f"tensors do not match the config: missing {missing_plain[:5]}, "
+                            f"unexpected {result.unexpected_keys[:5]}")
     for name in _linear_names(model):
         key = "tok_embeddings.weight" if name == "lm_head" and config.tie_embeddings else f"{name}.weight"
-        linear = model.get_submodule(name)
-        bias = state.get(f"{name}.bias")
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Int8Linear(state[key], state[key + "_scale"], bias, kernel))
-        del linear
-    return model.to(device).eval()
+        setattr(parent, child, Int8Linear(state[key], state[key + "_scale"], state.get(f"{name}.bias"), kernel))
+    return model.eval()

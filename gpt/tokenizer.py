@@ -1,9 +1,14 @@
-"""The project's tokenizer: a thin wrapper over a sentencepiece BPE model, and the code that trains one.
+"""The project's tokenizer: a thin wrapper over a sentencepiece BPE model, the code that trains one, and the one
+owner of the tokenizer files (their names, loading the tokenizer stored in a directory, copying them along).
 
 Every stage after `tokenizer` goes through `Tokenizer` (encode/decode, batch encode on all cores, special-token ids,
 and the sha256 of the model file, which the shards, the checkpoints and the server check so that a model is never
 paired with the wrong vocabulary). `train_tokenizer` trains the BPE model deterministically from an iterator of
 training lines (see `TokenizerConfig` for the knobs; they mirror params.yaml `tokenizer:`).
+
+A model directory (gpt.model_dir) holds `tokenizer.model` (ours), or, for models imported from Hugging Face
+without a sentencepiece model, `tokenizer.json` (+ `tokenizer_config.json`) read through `HFTokenizer`;
+`load_tokenizer(directory)` picks whichever is there.
 """
 
 from __future__ import annotations
@@ -11,10 +16,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import json
 import os
 import re
+import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import sentencepiece as spm
@@ -23,10 +31,18 @@ from gpt.atomic import write_bytes_atomic
 from gpt.config import ConfigError
 from gpt.errors import GptError
 
-MODEL_FILE = "tokenizer.model"
-VOCAB_FILE = "tokenizer.vocab"
+TOKENIZER_FILE = "tokenizer.model"  # the sentencepiece model (what `Tokenizer.load` reads)
+VOCAB_FILE = "tokenizer.vocab"  # pieces and scores, for people to read
+HF_TOKENIZER_FILE = "tokenizer.json"  # a Hugging Face `tokenizers` tokenizer (read by HFTokenizer)
+HF_TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # its special tokens and flags
+HF_SPECIAL_TOKENS_FILE = "special_tokens_map.json"
+# What a model directory may hold of a tokenizer; `copy_tokenizer` copies those present.
+TOKENIZER_FILES = (TOKENIZER_FILE, HF_TOKENIZER_FILE, HF_TOKENIZER_CONFIG_FILE, HF_SPECIAL_TOKENS_FILE)
 # Fixed ids of the special tokens (same in every model this project trains).
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+# sentencepiece's pieces for those ids, and its byte-fallback pieces: no special token may spell one.
+RESERVED_PIECES = ("<unk>", "<s>", "</s>", "<pad>")
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 class TokenizerError(GptError, ValueError):
@@ -58,7 +74,7 @@ class Tokenizer:
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
         path = Path(path)
-        file = path / MODEL_FILE if path.is_dir() else path
+        file = path / TOKENIZER_FILE if path.is_dir() else path
         if not file.is_file():
             raise TokenizerError(f"tokenizer model not found: {file} (run `dvc repro tokenizer` first)")
         return cls(file.read_bytes(), file)
@@ -111,6 +127,68 @@ class Tokenizer:
         return np.array([self.sp.is_byte(i) for i in range(self.vocab_size)], dtype=bool)
 
 
+class HFTokenizer:
+    """`Tokenizer`'s interface over a Hugging Face `tokenizer.json` (models imported from HF without a
+    sentencepiece model)."""
+
+    def __init__(self, path: str | Path):
+        from tokenizers import Tokenizer as HFTok
+
+        self.path = Path(path)
+        self._tok = HFTok.from_file(str(path))
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        config_path = self.path.parent / HF_TOKENIZER_CONFIG_FILE
+        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+        # like transformers' split_special_tokens: "<s>" typed in a prompt is text, not the control token
+        self._tok.encode_special_tokens = bool(config.get("split_special_tokens", False))
+        self.bos_id = self._special_id(config.get("bos_token"), ["<|endoftext|>", "<s>"])
+        self.eos_id = self._special_id(config.get("eos_token"), ["<|endoftext|>", "</s>"])
+        self.pad_id = self._special_id(config.get("pad_token"), [])
+        self.sha256 = hashlib.sha256(self.path.read_bytes()).hexdigest()
+
+    def _special_id(self, token: Any, fallbacks: list[str]) -> int:
+        if isinstance(token, dict):
+            token = token.get("content")
+        for name in [token, *fallbacks]:
+            if isinstance(name, str) and (i := self._tok.token_to_id(name)) is not None:
+                return i
+        return -1
+
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        return ([self.bos_id] if add_bos and self.bos_id >= 0 else []) + ids + (
+            [self.eos_id] if add_eos and self.eos_id >= 0 else []
+        )
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def id_to_piece(self, i: int) -> str:
+        return self._tok.id_to_token(int(i))
+
+
+def load_tokenizer(directory: str | Path) -> Tokenizer | HFTokenizer:
+    """The tokenizer stored in `directory`: sentencepiece `tokenizer.model`, else HF `tokenizer.json`."""
+    directory = Path(directory)
+    if (directory / TOKENIZER_FILE).is_file():
+        return Tokenizer.load(directory / TOKENIZER_FILE)
+    if (directory / HF_TOKENIZER_FILE).is_file():
+        return HFTokenizer(directory / HF_TOKENIZER_FILE)
+    raise TokenizerError(f"missing {directory / TOKENIZER_FILE} (no tokenizer stored with the model)")
+
+
+def copy_tokenizer(src: str | Path, dst: str | Path) -> list[str]:
+    """Copy the tokenizer files present in directory `src` into `dst` (a directory being filled); their names.
+
+    Contents only (`copyfile`), so the copies get the ordinary permissions of new files, not the source's."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copyfile(Path(src) / name, Path(dst) / name)
+            copied.append(name)
+    return copied
+
+
 @dataclasses.dataclass(frozen=True)
 class TokenizerConfig:
     """params.yaml `tokenizer:` — sentencepiece BPE training."""
@@ -140,11 +218,15 @@ class TokenizerConfig:
             raise ConfigError(f"tokenizer.max_sentence_chars: must be >= 16, got {self.max_sentence_chars}")
         if self.num_threads < 1:
             raise ConfigError(f"tokenizer.num_threads: must be >= 1, got {self.num_threads}")
-        for tok in self.special_tokens:
+        for i, tok in enumerate(self.special_tokens):
+            key = f"tokenizer.special_tokens[{i}]"
             if not tok or any(c.isspace() for c in tok):
-                raise ConfigError(f"tokenizer.special_tokens: {tok!r} must be non-empty without whitespace")
-        if len(set(self.special_tokens)) != len(self.special_tokens):
-            raise ConfigError(f"tokenizer.special_tokens: duplicates in {self.special_tokens}")
+                raise ConfigError(f"{key}: {tok!r} must be non-empty without whitespace")
+            if tok in RESERVED_PIECES or _BYTE_PIECE.fullmatch(tok):
+                raise ConfigError(f"{key}: {tok!r} is reserved (the pieces {list(RESERVED_PIECES)} have fixed ids "
+                                  "0-3, <0x00>..<0xFF> are byte pieces); choose another spelling, e.g. <|name|>")
+            if tok in self.special_tokens[:i]:
+                raise ConfigError(f"{key}: {tok!r} is listed twice (also at index {self.special_tokens.index(tok)})")
 
 
 _TOO_HIGH = re.compile(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)")
@@ -198,8 +280,8 @@ def train_tokenizer(lines: Iterable[str], cfg: TokenizerConfig, out_dir: str | P
                 f"{match.group(2)} (special tokens, 256 byte pieces and the covered characters)"
             ) from err
         raise TokenizerError(f"sentencepiece training failed: {err}") from err
-    tokenizer = Tokenizer(model.getvalue(), out_dir / MODEL_FILE)
-    write_bytes_atomic(out_dir / MODEL_FILE, tokenizer.model_bytes)
+    tokenizer = Tokenizer(model.getvalue(), out_dir / TOKENIZER_FILE)
+    write_bytes_atomic(out_dir / TOKENIZER_FILE, tokenizer.model_bytes)
     vocab = "".join(f"{tokenizer.id_to_piece(i)}\t{tokenizer.sp.get_score(i):g}\n" for i in range(tokenizer.vocab_size))
     write_bytes_atomic(out_dir / VOCAB_FILE, vocab.encode("utf-8"))
     return tokenizer

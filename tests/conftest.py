@@ -1,12 +1,10 @@
-"""Shared fixtures. `tiny_model_dir`: a model directory like the train stage's `paths.model` output
-(model.safetensors + config.json + tokenizer.model + lineage.json) with a tiny random GPT-2-block model and a tiny
-sentencepiece BPE tokenizer, built once per session in seconds."""
+"""Shared fixtures. `tiny_model_dir`: a model directory written like the train stage's `paths.model` output
+(gpt.model_dir.write_model_dir) with a tiny random GPT-2-block model and a tiny sentencepiece BPE tokenizer, built
+once per session in seconds."""
 
 from __future__ import annotations
 
 import contextlib
-import json
-import shutil
 
 import pytest
 
@@ -19,8 +17,8 @@ TINY_LINES = [f"Day {i}: the {TINY_WORDS[i % 14]} saw {TINY_WORDS[(i * 5) % 14]}
 def tiny_model_dir(tmp_path_factory):
     import torch
 
-    from gpt.checkpoint import save_model
     from gpt.model import DecoderOnlyTransformer, ModelConfig
+    from gpt.model_dir import Lineage, write_model_dir
     from gpt.tokenizer import TokenizerConfig, train_tokenizer
 
     root = tmp_path_factory.mktemp("tiny_model")
@@ -28,10 +26,8 @@ def tiny_model_dir(tmp_path_factory):
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=2, max_seq_len=64, dropout=0.0)
     model_dir = root / "model"
-    save_model(DecoderOnlyTransformer(config).eval(), model_dir)
-    shutil.copy(root / "tok" / "tokenizer.model", model_dir / "tokenizer.model")
-    lineage = {"tokenizer_sha256": tok.sha256, "step": 0, "val_loss": None}
-    (model_dir / "lineage.json").write_text(json.dumps(lineage), encoding="utf-8")
+    write_model_dir(DecoderOnlyTransformer(config).eval(), model_dir, tok.path,
+                    Lineage(tokenizer_sha256=tok.sha256, step=0))
     return model_dir
 
 

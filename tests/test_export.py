@@ -9,11 +9,10 @@ import shutil
 import pytest
 import torch
 
-from gpt.checkpoint import load_model
-from gpt.export import ExportError, build_hf_tokenizer, export_hf, import_hf, read_spm_model
 from gpt.hf import to_hf_config
-from gpt.serve.loading import load_tokenizer
-from gpt.tokenizer import Tokenizer
+from gpt.hf_dir import ExportError, build_hf_tokenizer, export_hf, import_hf, read_spm_model
+from gpt.model_dir import load_model
+from gpt.tokenizer import Tokenizer, load_tokenizer
 
 STRINGS = [
     "the cat saw the dog",
@@ -110,8 +109,8 @@ SMALL = dict(d_model=32, n_layers=2, n_heads=4, max_seq_len=64, d_ff=48)  # hybr
 def preset_model_dir(tiny_model_dir, root, preset: str, **overrides):
     """`tiny_model_dir`'s tokenizer with a small random `preset` model; norms and routers perturbed so that a
     swapped q/k norm or a wrong expert layout would change the logits."""
-    from gpt.checkpoint import save_model
     from gpt.model import DecoderOnlyTransformer, ModelConfig
+    from gpt.model_dir import save_model
 
     torch.manual_seed(0)
     vocab_size = Tokenizer.load(tiny_model_dir).vocab_size

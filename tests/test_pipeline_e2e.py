@@ -255,7 +255,7 @@ def _gpt(project: Path, *args: str) -> str:
 def _check_gpt_cli(project: Path, metrics: dict, params: dict) -> None:
     import torch
 
-    from gpt.checkpoint import load_model
+    from gpt.model_dir import load_model
     from gpt.tokenizer import Tokenizer
 
     model_dir = project / params["paths"]["model"]

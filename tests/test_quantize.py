@@ -8,9 +8,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from gpt.checkpoint import load_model
-from gpt.quantize import Int8Linear, QuantizeError, dequantize, quantize_checkpoint, quantize_per_channel
-from gpt.serve.loading import load_for_inference
+from gpt.model_dir import load, load_model, save_quantized
+from gpt.quantize import Int8Linear, QuantizeError, dequantize, quantize_per_channel
 
 IDS = torch.tensor([[5, 99, 200, 17, 300, 42, 8, 77]])
 
@@ -36,12 +35,12 @@ def test_int8_linear_matches_dequantized_linear(kernel):
 
 @pytest.fixture(scope="module")
 def int8_dir(tiny_model_dir, tmp_path_factory):
-    return quantize_checkpoint(tiny_model_dir, tmp_path_factory.mktemp("q") / "int8", "int8")
+    return save_quantized(tiny_model_dir, tmp_path_factory.mktemp("q") / "int8", "int8")
 
 
 def test_int8_checkpoint_logits_close_to_fp32(int8_dir, tiny_model_dir):
     fp32 = load_model(tiny_model_dir)
-    int8 = load_for_inference(int8_dir).model
+    int8 = load(int8_dir).model
     assert sum(isinstance(m, Int8Linear) for m in int8.modules()) == 2 * 4 + 1  # qkv, out, fc, proj ×2 + head
     with torch.no_grad():
         a, b = fp32(IDS)[0], int8(IDS)[0]
@@ -63,8 +62,8 @@ def test_int8_files_are_plain_safetensors(int8_dir, tiny_model_dir):
 
 @pytest.mark.parametrize("dtype, torch_dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
 def test_half_precision_copies(tiny_model_dir, tmp_path, dtype, torch_dtype):
-    out = quantize_checkpoint(tiny_model_dir, tmp_path / dtype, dtype)
-    model = load_for_inference(out).model
+    out = save_quantized(tiny_model_dir, tmp_path / dtype, dtype)
+    model = load(out).model
     assert model.tok_embeddings.weight.dtype == torch_dtype
     fp32 = load_model(tiny_model_dir)
     with torch.no_grad():
@@ -74,11 +73,11 @@ def test_half_precision_copies(tiny_model_dir, tmp_path, dtype, torch_dtype):
 
 def test_quantize_errors(tiny_model_dir, int8_dir, tmp_path):
     with pytest.raises(QuantizeError, match="already exists"):
-        quantize_checkpoint(tiny_model_dir, int8_dir, "int8")
+        save_quantized(tiny_model_dir, int8_dir, "int8")
     with pytest.raises(QuantizeError, match="already quantized"):
-        quantize_checkpoint(int8_dir, tmp_path / "again", "int8")
+        save_quantized(int8_dir, tmp_path / "again", "int8")
     with pytest.raises(QuantizeError, match="int4"):
-        quantize_checkpoint(tiny_model_dir, tmp_path / "x", "int4")
+        save_quantized(tiny_model_dir, tmp_path / "x", "int4")
     assert not (tmp_path / "x").exists()
 
 
@@ -87,7 +86,7 @@ def test_int8_model_serves_completions(int8_dir):
 
     from gpt.serve.app import create_app
 
-    loaded = load_for_inference(int8_dir, name="q")
+    loaded = load(int8_dir, name="q")
     ids = loaded.tokenizer.encode("the cat saw")
     greedy = loaded.model.generate(torch.tensor([ids]), 8, temperature=0.0)[0].tolist()
     with TestClient(create_app(loaded)) as client:

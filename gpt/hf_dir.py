@@ -1,9 +1,11 @@
-"""Hugging Face interchange: `export_hf` writes a directory that `transformers` loads offline with
-`AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained`; `import_hf` turns a local GPT-2, Llama,
-Qwen3, Mixtral or Qwen3-MoE directory into one of our model directories (for `gpt generate`/`serve`/`info`).
+"""Hugging Face directories: `export_hf` turns one of our model directories (gpt.model_dir) into a directory that
+`transformers` loads offline with `AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained`;
+`import_hf` turns a local GPT-2, Llama, Qwen3, Mixtral or Qwen3-MoE directory into one of our model directories
+(for `gpt generate`/`serve`/`info`).
 
-Weights go through gpt.hf (A's conversions): `hf_architecture` picks the transformers class that computes exactly
-what a config computes, `to_hf`/`from_hf` map the weights; this module adds the files around them. Import loads
+Weights go through gpt.hf (the model <-> transformers conversions): `hf_architecture` picks the transformers class
+that computes exactly what a config computes, `to_hf`/`from_hf` map the weights; this module adds the files around
+them. The HF side's file names are transformers' own constants; ours are gpt.model_dir's and gpt.tokenizer's. Import loads
 through transformers itself (safetensors only) because its MoE checkpoints are saved per expert
 (`block_sparse_moe.experts.N.w1`), a layout transformers converts on load.
 
@@ -30,8 +32,24 @@ from typing import Any
 
 import torch
 
-from gpt.atomic import atomic_directory
 from gpt.errors import GptError
+from gpt.model_dir import (
+    Lineage,
+    check_model_dir,
+    create_new_dir,
+    load_model,
+    quantization_info,
+    read_lineage,
+    save_model,
+    write_lineage,
+)
+from gpt.tokenizer import (
+    HF_SPECIAL_TOKENS_FILE,
+    HF_TOKENIZER_CONFIG_FILE,
+    HF_TOKENIZER_FILE,
+    TOKENIZER_FILE,
+    Tokenizer,
+)
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
@@ -138,7 +156,8 @@ def _bpe_merges(spm: SpmModel) -> list[tuple[str, str]]:
 
 def build_hf_tokenizer(model_bytes: bytes) -> Any:
     """A `tokenizers.Tokenizer` that encodes and decodes like the sentencepiece model in `model_bytes`."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+    from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer as HFTok
     from tokenizers.models import BPE, Unigram
 
     spm = read_spm_model(model_bytes)
@@ -152,7 +171,7 @@ def build_hf_tokenizer(model_bytes: bytes) -> Any:
         model = Unigram([(p, s) for p, s, _ in spm.pieces], unk_id=spm.unk_id, byte_fallback=spm.byte_fallback)
     else:
         raise ExportError(f"sentencepiece model type {spm.model_type} is not supported (only BPE and unigram)")
-    tok = Tokenizer(model)
+    tok = HFTok(model)
     norms: list[Any] = []
     if spm.precompiled_charsmap:
         norms.append(normalizers.Precompiled(spm.precompiled_charsmap))
@@ -194,16 +213,6 @@ def _special_tokens(spm_tokenizer: Any) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------- directories
-def _fill_atomically(out: Path, fill) -> Path:
-    """Create the new directory `out` by filling a temp sibling and renaming it into place (gpt.atomic)."""
-    out = Path(out)
-    if out.exists():
-        raise ExportError(f"output directory already exists: {out} (choose a new --out)")
-    with atomic_directory(out) as tmp:
-        fill(tmp)
-    return out
-
-
 _EXPORTABLE = ("GPT-2 blocks (layernorm, learned positions, gelu) -> GPT-2; rope+rmsnorm+swiglu -> Llama, "
                "with qk_norm -> Qwen3; MoE without a shared expert -> Mixtral, with qk_norm -> Qwen3-MoE")
 
@@ -228,17 +237,14 @@ def export_hf(src: str | Path, out: str | Path) -> Path:
     Mixtral or Qwen3-MoE) + tokenizer.json and its configs."""
     from transformers import PreTrainedTokenizerFast
 
-    from gpt.checkpoint import load_model
     from gpt.hf import hf_architecture, to_hf
-    from gpt.serve.loading import check_model_dir, quantization_info
-    from gpt.tokenizer import Tokenizer
 
     src = check_model_dir(src)
     if quantization_info(src) is not None:
         raise ExportError(f"{src} is a quantized copy; export the fp32 model directory instead")
-    if not (src / "tokenizer.model").is_file():
-        raise ExportError(f"missing {src / 'tokenizer.model'} (the sentencepiece model to convert)")
-    spm_tok = Tokenizer.load(src / "tokenizer.model")
+    if not (src / TOKENIZER_FILE).is_file():
+        raise ExportError(f"missing {src / TOKENIZER_FILE} (the sentencepiece model to convert)")
+    spm_tok = Tokenizer.load(src / TOKENIZER_FILE)
     model = load_model(src)
     try:
         hf_architecture(model.config)
@@ -250,58 +256,66 @@ def export_hf(src: str | Path, out: str | Path) -> Path:
                                    model_max_length=model.config.max_seq_len, split_special_tokens=True,
                                    **_special_tokens(spm_tok))
 
-    def fill(tmp: Path) -> None:
+    lineage = read_lineage(src)
+    with create_new_dir(out, ExportError) as tmp:
         hf_model.save_pretrained(tmp)
         fast.save_pretrained(tmp)
-        if (src / "lineage.json").is_file():
-            shutil.copy2(src / "lineage.json", tmp / "lineage.json")
-
-    return _fill_atomically(Path(out), fill)
+        if lineage is not None:
+            write_lineage(tmp, lineage)
+    return Path(out)
 
 
 def _check_safetensors(src: Path) -> None:
     """Refuse a directory without safetensors weights before transformers looks at it (it would unpickle *.bin)."""
-    if (src / "model.safetensors").is_file() or (src / "model.safetensors.index.json").is_file():
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+
+    if (src / SAFE_WEIGHTS_NAME).is_file() or (src / SAFE_WEIGHTS_INDEX_NAME).is_file():
         return
     if any(src.glob("*.bin")) or any(src.glob("*.pt")):
         raise ExportError(f"{src} has only pickled weights (*.bin/*.pt); we never unpickle. Convert them to "
-                          "model.safetensors first (transformers: save_pretrained(..., safe_serialization=True))")
-    raise ExportError(f"missing {src / 'model.safetensors'}")
+                          f"{SAFE_WEIGHTS_NAME} first (transformers: save_pretrained(..., safe_serialization=True))")
+    raise ExportError(f"missing {src / SAFE_WEIGHTS_NAME}")
+
+
+HF_VOCAB_FILE, HF_MERGES_FILE = "vocab.json", "merges.txt"  # a GPT-2-style byte-level BPE without tokenizer.json
 
 
 def _copy_hf_tokenizer(src: Path, dst: Path) -> None:
     """Keep a sentencepiece model if there is one; else tokenizer.json; else build it from vocab.json+merges.txt."""
-    if (src / "tokenizer.model").is_file():
-        shutil.copy2(src / "tokenizer.model", dst / "tokenizer.model")
+    if (src / TOKENIZER_FILE).is_file():
+        shutil.copyfile(src / TOKENIZER_FILE, dst / TOKENIZER_FILE)
         return
-    if (src / "tokenizer.json").is_file():
-        shutil.copy2(src / "tokenizer.json", dst / "tokenizer.json")
-    elif (src / "vocab.json").is_file() and (src / "merges.txt").is_file():
-        from tokenizers import Tokenizer, decoders, pre_tokenizers
+    if (src / HF_TOKENIZER_FILE).is_file():
+        shutil.copyfile(src / HF_TOKENIZER_FILE, dst / HF_TOKENIZER_FILE)
+    elif (src / HF_VOCAB_FILE).is_file() and (src / HF_MERGES_FILE).is_file():
+        from tokenizers import Tokenizer as HFTok
+        from tokenizers import decoders, pre_tokenizers
         from tokenizers.models import BPE
 
-        tok = Tokenizer(BPE.from_file(str(src / "vocab.json"), str(src / "merges.txt")))
+        tok = HFTok(BPE.from_file(str(src / HF_VOCAB_FILE), str(src / HF_MERGES_FILE)))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        tok.save(str(dst / "tokenizer.json"))
+        tok.save(str(dst / HF_TOKENIZER_FILE))
     else:
-        raise ExportError(f"no tokenizer in {src} (tokenizer.model, tokenizer.json or vocab.json + merges.txt)")
-    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        raise ExportError(f"no tokenizer in {src} ({TOKENIZER_FILE}, {HF_TOKENIZER_FILE} or "
+                          f"{HF_VOCAB_FILE} + {HF_MERGES_FILE})")
+    for name in (HF_TOKENIZER_CONFIG_FILE, HF_SPECIAL_TOKENS_FILE):
         if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
+            shutil.copyfile(src / name, dst / name)
 
 
 def _load_hf_model(src: Path) -> Any:
     """The transformers causal LM in `src` (local files and safetensors only), in float32; every tensor present."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import CONFIG_NAME
 
     from gpt.hf import HF_CLASSES
 
-    if not (src / "config.json").is_file():
-        raise ExportError(f"missing {src / 'config.json'} (is {src} a Hugging Face model directory?)")
-    model_type = json.loads((src / "config.json").read_text(encoding="utf-8")).get("model_type")
+    if not (src / CONFIG_NAME).is_file():
+        raise ExportError(f"missing {src / CONFIG_NAME} (is {src} a Hugging Face model directory?)")
+    model_type = json.loads((src / CONFIG_NAME).read_text(encoding="utf-8")).get("model_type")
     if model_type not in HF_CLASSES:
-        raise ExportError(f"{src / 'config.json'}: model_type {model_type!r}; supported: {', '.join(HF_CLASSES)}")
+        raise ExportError(f"{src / CONFIG_NAME}: model_type {model_type!r}; supported: {', '.join(HF_CLASSES)}")
     _check_safetensors(src)
     try:
         hf_model, info = AutoModelForCausalLM.from_pretrained(
@@ -317,7 +331,6 @@ def _load_hf_model(src: Path) -> Any:
 def import_hf(src: str | Path, out: str | Path) -> Path:
     """A local Hugging Face GPT-2 / Llama / Qwen3 / Mixtral / Qwen3-MoE directory → our model directory
     (weights, config, tokenizer, lineage)."""
-    from gpt.checkpoint import save_model
     from gpt.hf import from_hf
     from gpt.model import DecoderOnlyTransformer
 
@@ -330,11 +343,9 @@ def import_hf(src: str | Path, out: str | Path) -> Path:
     # inference copies carry no dropout (transformers configs default to e.g. GPT-2's 0.1)
     model = DecoderOnlyTransformer(converted.config.replace(dropout=0.0))
     model.load_state_dict(converted.state_dict())
-    lineage = {"imported_from": str(src.resolve()), "format": f"hf-{hf_model.config.model_type}"}
-
-    def fill(tmp: Path) -> None:
-        save_model(model.eval(), tmp, metadata=lineage)
+    origin = {"imported_from": str(src.resolve()), "format": f"hf-{hf_model.config.model_type}"}
+    with create_new_dir(out, ExportError) as tmp:
+        save_model(model.eval(), tmp, metadata=origin)
         _copy_hf_tokenizer(src, tmp)
-        (tmp / "lineage.json").write_text(json.dumps(lineage, indent=2) + "\n", encoding="utf-8")
-
-    return _fill_atomically(Path(out), fill)
+        write_lineage(tmp, Lineage(extra=origin))
+    return Path(out)

@@ -1,4 +1,5 @@
-"""Checkpoints: save → load is bit-exact, mismatches and damage give CheckpointError, writes are atomic."""
+"""The model directory (gpt.model_dir): save → load is bit-exact, mismatches and damage give ModelDirError,
+writes are atomic; the whole directory, its lineage (old files too) and loading for inference."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gpt.checkpoint import CheckpointError, load_config, load_metadata, load_model, save_model
+from gpt.model_dir import ModelDirError, load_config, load_metadata, load_model, save_model
 from tests.test_model import build, small
 
 
@@ -61,11 +62,11 @@ def test_config_that_does_not_match_the_weights_is_rejected(tmp_path):
     doc = json.loads((tmp_path / "config.json").read_text())
     doc["config"]["d_model"] = 64
     (tmp_path / "config.json").write_text(json.dumps(doc))
-    with pytest.raises(CheckpointError, match="does not match its config.json.*shape"):
+    with pytest.raises(ModelDirError, match="does not match its config.json.*shape"):
         load_model(tmp_path)
     doc["config"]["d_model"], doc["config"]["n_layers"] = 32, 3
     (tmp_path / "config.json").write_text(json.dumps(doc))
-    with pytest.raises(CheckpointError, match="missing tensors"):
+    with pytest.raises(ModelDirError, match="missing tensors"):
         load_model(tmp_path)
 
 
@@ -79,8 +80,8 @@ def test_config_that_does_not_match_the_weights_is_rejected(tmp_path):
         '{"format": "gpt-pipeline-model", "version": 1, "config": {"d_model": 30, "n_heads": 4}}'),
      "invalid model config.*not divisible"),
 ])
-def test_damaged_checkpoints_raise_checkpoint_error(tmp_path, damage, message):
+def test_damaged_model_dirs_raise_model_dir_error(tmp_path, damage, message):
     save_model(build(small()), tmp_path)
     damage(tmp_path)
-    with pytest.raises(CheckpointError, match=message):
+    with pytest.raises(ModelDirError, match=message):
         load_model(tmp_path)
