@@ -3,32 +3,36 @@
     python -m stages.train                              # one process (CPU or one GPU)
     torchrun --nproc_per_node=2 -m stages.train         # DDP: gloo on CPU, NCCL on GPUs
 
-Re-running after an interruption resumes from the latest checkpoint in paths.checkpoints (see gpt/train/loop.py).
-Outputs: paths.checkpoints/step-NNNNNN/, paths.model/ (what evaluate, the CLI and the server load),
+Re-running after an interruption resumes from the latest checkpoint in paths.checkpoints (gpt/train/resume.py);
+Ctrl-C or SIGTERM saves a checkpoint at the current step first. paths.checkpoints is resume state, not a DVC output.
+Outputs: paths.model/ (what evaluate, the CLI and the server load),
 paths.metrics/train/ (DVCLive curves + metrics.json).
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
-from gpt.config import ConfigError, PathsConfig, load_params, load_paths, load_section
+from gpt.config import ConfigError, PathsConfig, to_dict
 from gpt.data.shards import TokenShards
 from gpt.errors import run_main
-from gpt.model import DecoderOnlyTransformer, ModelConfig, model_config_from_params
-from gpt.tokenizer import MODEL_FILE, Tokenizer
+from gpt.model import DecoderOnlyTransformer, ModelConfig
+from gpt.model_dir import Lineage, write_model_dir
+from gpt.params import ModelParams, load_params
+from gpt.tokenizer import TOKENIZER_FILE, Tokenizer
+from gpt.train.checkpoints import remove_leftovers
 from gpt.train.config import TrainConfig
 from gpt.train.device import seed_everything
 from gpt.train.distributed import shutdown
-from gpt.train.export import export_model
-from gpt.train.loop import train
+from gpt.train.loop import TrainingInterrupted, train
 
 
-def resolve_model_config(model_section: dict | None, tokenizer: Tokenizer, cfg: TrainConfig) -> ModelConfig:
+def resolve_model_config(model_params: ModelParams, tokenizer: Tokenizer, cfg: TrainConfig) -> ModelConfig:
     """The model config for this tokenizer; vocab_size null = the tokenizer's, smaller is an error."""
-    config = model_config_from_params(model_section, tokenizer.vocab_size)
-    if config.vocab_size < tokenizer.vocab_size:  # model_config_from_params checks too; keep the promise here
+    config = model_params.resolve(tokenizer.vocab_size)
+    if config.vocab_size < tokenizer.vocab_size:  # resolve checks too; keep the promise here
         raise ConfigError(f"model.vocab_size: {config.vocab_size} < tokenizer vocab {tokenizer.vocab_size}")
     if cfg.seq_len > config.max_seq_len:
         raise ConfigError(f"train.seq_len: {cfg.seq_len} exceeds model.max_seq_len {config.max_seq_len}")
@@ -42,25 +46,29 @@ def load_data(paths: PathsConfig, tokenizer: Tokenizer) -> tuple[TokenShards, To
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    paths = load_paths()
-    cfg = load_section("train", TrainConfig)
-    params = load_params()
+    params = load_params()  # the whole file: a slip in any section (evaluate too) fails before training
+    paths, cfg = params.paths, params.train
     tokenizer = Tokenizer.load(paths.tokenizer)
-    model_config = resolve_model_config(params.get("model"), tokenizer, cfg)
+    model_config = resolve_model_config(params.model, tokenizer, cfg)
     train_data, val_data = load_data(paths, tokenizer)
     lineage = {"tokenizer_sha256": tokenizer.sha256, "train_manifest_sha256": train_data.manifest_sha256,
                "val_manifest_sha256": val_data.manifest_sha256}
+    remove_leftovers(paths.model)  # temp dirs of an export killed mid-write
     seed_everything(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     model = DecoderOnlyTransformer(model_config)
-    result, run = train(model, cfg, train_data, val_data, paths.checkpoints, model_config.to_dict(), lineage,
-                        live_dir=paths.metrics / "train")
+    try:
+        result, run = train(model, cfg, train_data, val_data, paths.checkpoints, model_config.to_dict(), lineage,
+                            live_dir=paths.metrics / "train")
+    except TrainingInterrupted as stop:  # Ctrl-C / SIGTERM: saved at the current step; one line, 128 + signal
+        print(f"train: {stop}", file=sys.stderr)
+        raise SystemExit(stop.exit_code) from None
     try:
         if run.info.is_main:
-            export_model(run.model.float(), paths.model, Path(paths.tokenizer) / MODEL_FILE, {
-                **lineage, "step": result.step, "val_loss": result.val_loss, "tokens_seen": result.tokens_seen,
-                "checkpoint": result.last_checkpoint, "best_checkpoint": result.best_checkpoint,
-                "params": {"model": model_config.to_dict(), "train": params.get("train")},
-            })
+            write_model_dir(run.model.float(), paths.model, Path(paths.tokenizer) / TOKENIZER_FILE, Lineage(
+                **lineage, step=result.step, val_loss=result.val_loss, tokens_seen=result.tokens_seen,
+                seq_len=cfg.seq_len, checkpoint=result.last_checkpoint, best_checkpoint=result.best_checkpoint,
+                params={"model": model_config.to_dict(), "train": to_dict(params.train)},
+            ))
             logging.info("train: step %d, val loss %.4f, %.0f tok/s, MFU %.1f%% → %s", result.step,
                          result.val_loss, result.tokens_per_second, 100 * result.mfu, paths.model)
     finally:

@@ -1,26 +1,33 @@
-"""Training checkpoints: everything needed to continue a run exactly, written atomically, without pickle.
+"""Training checkpoints: the one owner of `paths.checkpoints` — write, verify, find, load, prune, set aside.
 
 One checkpoint is a directory `step-NNNNNN/`:
-  model.safetensors      weights, tied weights stored once  } written by gpt.checkpoint.save_model, so a
-  config.json            the model config                   } checkpoint also loads with gpt.checkpoint.load_model
+  model.safetensors      weights, tied weights stored once  } written by gpt.model_dir.save_model, so a
+  config.json            the model config                   } checkpoint also loads with gpt.model_dir.load_model
   optimizer.safetensors  every optimizer state tensor, flattened to `state.<param index>.<name>`
   rng.safetensors        torch CPU (and CUDA) generator states as uint8 tensors
   state.json             step, data position, schedule, optimizer hyper-parameters, scaler, python/numpy RNG,
-                         val loss, resolved params, run fingerprint and lineage (tokenizer + shard manifest hashes)
+                         val loss, resolved params, run fingerprint and lineage (tokenizer + shard manifest hashes),
+                         and the size + sha256 of every other file (`files`), recorded at write time
 
-A checkpoint is written into a hidden temp directory and renamed into place, so a directory named `step-*` is
-always complete; a crash leaves at most a `.tmp-*` directory, removed on the next start. The manager keeps the
-last `keep_last` checkpoints plus the one with the best validation loss.
+The directory is built beside its final name and renamed into place through gpt.atomic (every file and both
+parents fsynced), so a `step-*` directory with a state.json is complete unless the disk damaged it afterwards —
+which `verify` detects from the recorded sizes and hashes. A damaged checkpoint is renamed
+`step-NNNNNN.damaged-<n>` (kept for inspection, never deleted by this code) and the run falls back to an older one.
+
+Checkpoints of other runs (another fingerprint: params, data or code changed) are never deleted on a params change:
+they move to `runs/<fingerprint[:16]>/step-*`, and only the `keep_other_runs` most recently moved run folders are
+kept. Which checkpoint a run continues from is decided in gpt/train/resume.py.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +36,66 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from gpt.atomic import TEMP_SUFFIX, atomic_directory, remove_stale_temps
 from gpt.errors import GptError
+from gpt.model_dir import WEIGHTS_FILE, save_model
+
+log = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
+STATE_FILE = "state.json"
+MODEL_FILE = WEIGHTS_FILE  # the weights (+ config.json) are written in gpt.model_dir's format
+OPTIMIZER_FILE = "optimizer.safetensors"
+RNG_FILE = "rng.safetensors"
+RUNS_DIR = "runs"  # other runs' checkpoints, one folder per fingerprint
+DAMAGED = ".damaged-"  # `step-000400.damaged-1`: set aside after failing verification
+LEGACY_TEMP_PREFIXES = (".tmp-", ".old-")  # temp names of the writers before gpt.atomic
 
 
 class ResumeError(GptError, RuntimeError):
     """A checkpoint can't be used to continue this run (params changed under resume: strict, or it is damaged)."""
+
+
+class CheckpointDamaged(ResumeError):
+    """A checkpoint's files don't match the sizes/hashes its state.json recorded (or state.json is unreadable)."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"checkpoint {path} is damaged: {reason}")
+        self.path, self.reason = path, reason
+
+
+def file_digest(path: Path) -> dict[str, Any]:
+    """Size and sha256 of one file (what state.json records and `verify` checks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def remove_leftovers(target: Path) -> list[Path]:
+    """Delete temp files/dirs a killed writer of `target` left beside it: gpt.atomic's `.<name>.*.tmp` and the
+    older writers' `.tmp-<name>-*` / `.old-<name>-*`. Returns what was removed."""
+    target = Path(target)
+    removed = remove_stale_temps(target.parent, target.name)
+    if target.parent.is_dir():
+        for prefix in LEGACY_TEMP_PREFIXES:
+            for path in target.parent.glob(f"{prefix}{target.name}-*"):
+                _remove(path)
+                removed.append(path)
+    if removed:
+        log.info("removed %d leftover(s) of an interrupted write: %s", len(removed), ", ".join(map(str, removed)))
+    return removed
+
+
+def _remove(path: Path) -> None:
+    """Delete a file or tree; a tree is first renamed to a temp name, so a kill mid-delete leaves only a temp."""
+    if path.is_dir() and not path.is_symlink():
+        trash = path.with_name(f".{path.name}.deleting-{os.getpid()}{TEMP_SUFFIX}")
+        path.rename(trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -90,11 +150,9 @@ def rng_from_flat(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Non
 
 def _save_weights(model: nn.Module, directory: Path) -> None:
     if hasattr(model, "config") and hasattr(model.config, "to_dict"):
-        from gpt.checkpoint import save_model  # the project's model format (weights + config.json)
-
         save_model(model, directory)
     else:  # any other nn.Module (tests): plain safetensors, shared tensors once
-        safetensors.torch.save_model(model, str(directory / "model.safetensors"))
+        safetensors.torch.save_model(model, str(directory / MODEL_FILE))
 
 
 def _load_weights(model: nn.Module, path: Path) -> None:
@@ -109,102 +167,184 @@ def _load_weights(model: nn.Module, path: Path) -> None:
     model.load_state_dict(state, strict=False)
 
 
-def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+def _step_of(path: Path) -> int | None:
+    match = STEP_DIR.match(path.name)
+    return int(match.group(1)) if match else None
 
 
 class CheckpointManager:
-    """Save, find, load and prune `step-NNNNNN/` checkpoints under one directory."""
+    """Save, verify, find, load, prune and move aside `step-NNNNNN/` checkpoints under one directory."""
 
-    def __init__(self, directory: str | Path, keep_last: int = 2, keep_best: bool = True):
+    def __init__(self, directory: str | Path, keep_last: int = 2, keep_best: bool = True, keep_other_runs: int = 3):
         self.directory = Path(directory)
         self.keep_last = keep_last
         self.keep_best = keep_best
+        self.keep_other_runs = keep_other_runs
 
-    def steps(self) -> list[tuple[int, Path]]:
-        """Complete checkpoints, oldest first."""
-        if not self.directory.is_dir():
+    # ---- finding ----
+    def steps(self, directory: Path | None = None) -> list[tuple[int, Path]]:
+        """Checkpoints with a state file (in `directory`, default the top level), oldest first."""
+        directory = directory or self.directory
+        if not directory.is_dir():
             return []
-        found = []
-        for path in self.directory.iterdir():
-            match = STEP_DIR.match(path.name)
-            if match and (path / "state.json").is_file():
-                found.append((int(match.group(1)), path))
+        found = [(step, path) for path in directory.iterdir()
+                 if (step := _step_of(path)) is not None and (path / STATE_FILE).is_file()]
         return sorted(found)
 
     def latest(self) -> Path | None:
         steps = self.steps()
         return steps[-1][1] if steps else None
 
+    def run_folders(self) -> list[Path]:
+        """Other runs' folders under runs/, most recently moved first."""
+        runs = self.directory / RUNS_DIR
+        if not runs.is_dir():
+            return []
+        return sorted((p for p in runs.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                      key=lambda p: p.stat().st_mtime_ns, reverse=True)
+
     def read_state(self, path: Path) -> dict[str, Any]:
         try:
-            return json.loads((path / "state.json").read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as err:
-            raise ResumeError(f"checkpoint {path}: unreadable state.json ({err})") from err
+            return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CheckpointDamaged(path, f"unreadable {STATE_FILE} ({err})") from err
 
-    def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> Path:
-        """Write checkpoint `step-<state['step']>` atomically, then prune old ones. Returns its path."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        final = self.directory / f"step-{state['step']:06d}"
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=self.directory))
-        try:
-            _save_weights(model, tmp)
-            opt_tensors, opt_meta = optimizer_to_flat(optimizer)
-            safetensors.torch.save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-            rng_tensors, rng_meta = rng_to_flat()
-            safetensors.torch.save_file(rng_tensors, str(tmp / "rng.safetensors"))
-            _write_json(tmp / "state.json", {**state, "optimizer": opt_meta, "rng": rng_meta})
-            if final.exists():  # re-saving a step (e.g. after resuming at the very end): swap, then drop the old one
-                trash = self.directory / f".old-{final.name}-{os.getpid()}"
-                os.replace(final, trash)
-                os.replace(tmp, final)
-                shutil.rmtree(trash, ignore_errors=True)
-            else:
-                os.replace(tmp, final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-        self.prune()
-        return final
+    def verify(self, path: Path, state: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Check every file against the size and sha256 recorded at write time; returns the state.
 
-    def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-             restore_rng: bool = True) -> dict[str, Any]:
-        """Load weights (and optimizer, RNG) from checkpoint `path` into live objects; returns its state.json."""
-        state = self.read_state(path)
-        _load_weights(model, path / "model.safetensors")
-        if optimizer is not None:
-            tensors = safetensors.torch.load_file(str(path / "optimizer.safetensors"))
-            optimizer.load_state_dict(optimizer_from_flat(tensors, state["optimizer"]))
-        if restore_rng:
-            rng_from_flat(safetensors.torch.load_file(str(path / "rng.safetensors")), state["rng"])
+        Raises CheckpointDamaged naming the first file that is missing, truncated or changed."""
+        state = self.read_state(path) if state is None else state
+        files = state.get("files")
+        if not isinstance(files, dict) or MODEL_FILE not in files:
+            raise CheckpointDamaged(path, f"{STATE_FILE} records no file sizes/hashes (written by an older version)")
+        for name, expected in sorted(files.items()):
+            file = path / name
+            if not file.is_file():
+                raise CheckpointDamaged(path, f"{name} is missing")
+            size = file.stat().st_size
+            if size != expected["size"]:
+                raise CheckpointDamaged(path, f"{name} is {size} bytes, {expected['size']} were written")
+            if file_digest(file)["sha256"] != expected["sha256"]:
+                raise CheckpointDamaged(path, f"{name} has changed since it was written (sha256 differs)")
         return state
 
     def best(self) -> Path | None:
         scored = []
         for step, path in self.steps():
-            val = self.read_state(path).get("val_loss")
+            try:
+                val = self.read_state(path).get("val_loss")
+            except CheckpointDamaged:
+                continue
             if val is not None:
                 scored.append((val, step, path))
         return min(scored)[2] if scored else None
 
+    # ---- writing ----
+    def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> Path:
+        """Write checkpoint `step-<state['step']>` atomically (fsynced), then prune old ones. Returns its path."""
+        final = self.directory / f"step-{state['step']:06d}"
+        with atomic_directory(final) as tmp:
+            _save_weights(model, tmp)
+            opt_tensors, opt_meta = optimizer_to_flat(optimizer)
+            safetensors.torch.save_file(opt_tensors, str(tmp / OPTIMIZER_FILE))
+            rng_tensors, rng_meta = rng_to_flat()
+            safetensors.torch.save_file(rng_tensors, str(tmp / RNG_FILE))
+            files = {p.name: file_digest(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+            document = {**state, "optimizer": opt_meta, "rng": rng_meta, "files": files}
+            (tmp / STATE_FILE).write_text(json.dumps(document, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        self.prune()
+        return final
+
+    def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+             restore_rng: bool = True) -> dict[str, Any]:
+        """Load weights (and optimizer, RNG) from a verified checkpoint into live objects; returns its state."""
+        state = self.read_state(path)
+        try:
+            _load_weights(model, path / MODEL_FILE)
+            if optimizer is not None:
+                tensors = safetensors.torch.load_file(str(path / OPTIMIZER_FILE))
+                optimizer.load_state_dict(optimizer_from_flat(tensors, state["optimizer"]))
+            if restore_rng:
+                rng_from_flat(safetensors.torch.load_file(str(path / RNG_FILE)), state["rng"])
+        except (OSError, KeyError, ValueError, safetensors.SafetensorError) as err:
+            raise ResumeError(f"checkpoint {path} can't be loaded: {err} (move it away and run again)") from err
+        return state
+
     def prune(self) -> None:
-        """Keep the last `keep_last` checkpoints and (if keep_best) the best by val loss; remove stale temp dirs."""
+        """Keep the last `keep_last` checkpoints, the best by val loss (keep_best) and pinned ones (a WSD run's
+        last checkpoint before its decay, from which a longer schedule can continue)."""
         steps = self.steps()
         keep = {path for _, path in steps[-self.keep_last:]}
         if self.keep_best and (best := self.best()) is not None:
             keep.add(best)
         for _, path in steps:
-            if path not in keep:
-                shutil.rmtree(path, ignore_errors=True)
+            if path not in keep and not self._pinned(path):
+                _remove(path)
 
-    def clean_temp(self) -> None:
-        if self.directory.is_dir():
-            for path in self.directory.iterdir():
-                if path.name.startswith((".tmp-", ".old-")):
-                    shutil.rmtree(path, ignore_errors=True)
+    def _pinned(self, path: Path) -> bool:
+        try:
+            return bool(self.read_state(path).get("pinned"))
+        except CheckpointDamaged:
+            return False
 
-    def clear(self) -> None:
-        """Remove every checkpoint (a fresh start after params changed)."""
-        self.clean_temp()
-        for _, path in self.steps():
-            shutil.rmtree(path, ignore_errors=True)
+    # ---- damage, leftovers, other runs ----
+    def set_aside(self, path: Path, reason: str) -> Path:
+        """Rename a damaged checkpoint to `<name>.damaged-<n>` (never deleted here) and say so."""
+        n = 1
+        while (target := path.with_name(f"{path.name}{DAMAGED}{n}")).exists():
+            n += 1
+        path.rename(target)
+        log.warning("checkpoint %s is damaged (%s): set aside as %s — delete it once you no longer need it",
+                    path, reason, target)
+        return target
+
+    def clean_leftovers(self) -> None:
+        """At start: delete temp dirs of killed writers; a `step-*` without state.json older than the newest complete
+        checkpoint is what an interrupted prune left (deleted), a newer one is damage (set aside)."""
+        if not self.directory.is_dir():
+            return
+        remove_stale_temps(self.directory)
+        for path in self.directory.iterdir():
+            if path.name.startswith(LEGACY_TEMP_PREFIXES):
+                _remove(path)
+        complete = self.steps()
+        newest = complete[-1][0] if complete else -1
+        for path in sorted(self.directory.iterdir()):
+            step = _step_of(path)
+            if step is None or (path / STATE_FILE).is_file() or not path.is_dir():
+                continue
+            if step < newest:
+                log.info("removing %s: no %s (left by an interrupted prune)", path, STATE_FILE)
+                _remove(path)
+            else:
+                self.set_aside(path, f"{STATE_FILE} is missing")
+
+    def archive(self, paths: list[Path], run_key: str) -> Path:
+        """Move another run's checkpoints to runs/<run_key>/ (replacing the same steps there), then apply the
+        retention limit to the run folders. Returns the folder."""
+        folder = self.directory / RUNS_DIR / run_key
+        folder.mkdir(parents=True, exist_ok=True)
+        for path in paths:
+            target = folder / path.name
+            if target.exists():  # the same run's same step, moved here before: the newer copy wins
+                _remove(target)
+            path.rename(target)
+        os.utime(folder)  # most recently moved first, for the retention limit
+        log.warning("moved %d checkpoint(s) of another run (%s) to %s", len(paths),
+                    ", ".join(p.name for p in paths), folder)
+        self.apply_retention()
+        return folder
+
+    def apply_retention(self) -> None:
+        for folder in self.run_folders()[self.keep_other_runs:]:
+            log.warning("removing %s: only the %d most recent other runs are kept (train.keep_other_runs)",
+                        folder, self.keep_other_runs)
+            _remove(folder)
+
+    def restore(self, folder: Path) -> None:
+        """Move an archived run's checkpoints back to the top level (it is the current run again)."""
+        for _, path in self.steps(folder):
+            path.rename(self.directory / path.name)
+        if not any(folder.iterdir()):
+            folder.rmdir()
+        log.warning("moved the checkpoints of %s back to %s: this run continues them", folder, self.directory)
