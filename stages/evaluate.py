@@ -10,18 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
-from pathlib import Path
 
 import torch
 
-from gpt.checkpoint import load_model
-from gpt.config import load_paths, load_section
+from gpt.atomic import write_text_atomic
 from gpt.data.shards import TokenShards
 from gpt.errors import run_main
 from gpt.eval import (
-    EvalConfig,
     bits_per_byte,
     generate_samples,
     samples_markdown,
@@ -29,32 +24,25 @@ from gpt.eval import (
     unigram_log_probs,
     unigram_nats,
 )
+from gpt.model_dir import Lineage, load_model, read_lineage
+from gpt.params import load_params
 from gpt.plots import render_training_plot
 from gpt.tokenizer import Tokenizer
 from gpt.train.device import resolve_precision, select_device
-from gpt.train.export import read_lineage
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    paths = load_paths()
-    cfg = load_section("evaluate", EvalConfig)
+    params = load_params()  # the whole file: a slip in any section fails here, before any work
+    paths, cfg = params.paths, params.evaluate
     device = select_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     tokenizer = Tokenizer.load(paths.model)  # the copy beside the weights: the pair that was trained together
     model = load_model(paths.model, device=device)
-    lineage = read_lineage(paths.model)
+    lineage = read_lineage(paths.model) or Lineage()
     val = TokenShards(paths.shards / "val", tokenizer_sha256=tokenizer.sha256, vocab_size=tokenizer.vocab_size)
     train = TokenShards(paths.shards / "train", tokenizer_sha256=tokenizer.sha256, vocab_size=tokenizer.vocab_size)
-    trained_len = (lineage.get("params", {}).get("train") or {}).get("seq_len")  # learned positions stop there
+    trained_len = lineage.seq_len  # the training window: learned positions stop there
     seq_len = min(cfg.seq_len or trained_len or model.config.max_seq_len, model.config.max_seq_len)
     autocast = torch.bfloat16 if precision == "bf16" else None
     stats = score_windows(model, val.iter_windows(seq_len, cfg.max_windows), model.config.vocab_size,
@@ -74,11 +62,11 @@ def main() -> None:
         "windows": stats.windows,
         "seq_len": seq_len,
         "decode_tokens_per_s": decode_tok_s,
-        "model_step": lineage.get("step"),
+        "model_step": lineage.step,
         "parameters": model.num_parameters(),
     }
     write_text_atomic(paths.metrics / "eval.json", json.dumps(metrics, indent=2) + "\n")
-    header = f"step {lineage.get('step')}, val bits-per-byte {bpb:.3f} (unigram {unigram_bpb:.3f})"
+    header = f"step {lineage.step}, val bits-per-byte {bpb:.3f} (unigram {unigram_bpb:.3f})"
     write_text_atomic(paths.metrics / "samples.md", samples_markdown(samples, cfg, header))
     render_training_plot(paths.metrics / "train", paths.metrics / "training.png", paths.metrics / "eval.json")
     logging.info("evaluate: loss %.4f, ppl %.2f, %.3f bits/byte (unigram %.3f), accuracy %.3f, decode %.0f tok/s",
