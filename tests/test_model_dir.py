@@ -9,7 +9,21 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gpt.model_dir import ModelDirError, load_config, load_metadata, load_model, save_model
+from gpt.model_dir import (
+    LINEAGE_FILE,
+    Lineage,
+    ModelDirError,
+    load,
+    load_config,
+    load_metadata,
+    load_model,
+    read_lineage,
+    save_model,
+    save_quantized,
+    write_model_dir,
+)
+from gpt.quantize import Int8Linear
+from gpt.tokenizer import Tokenizer, TokenizerError
 from tests.test_model import build, small
 
 
@@ -85,3 +99,51 @@ def test_damaged_model_dirs_raise_model_dir_error(tmp_path, damage, message):
     damage(tmp_path)
     with pytest.raises(ModelDirError, match=message):
         load_model(tmp_path)
+
+
+# ---------------------------------------------------------------- the whole directory and its lineage
+def test_write_model_dir_writes_the_whole_directory_and_replaces_it_whole(tiny_model_dir, tmp_path):
+    tok = Tokenizer.load(tiny_model_dir)
+    model = load_model(tiny_model_dir)
+    lineage = Lineage(tokenizer_sha256=tok.sha256, step=5, val_loss=2.5, seq_len=32, params={"train": {"lr": 1.0}})
+    out = write_model_dir(model, tmp_path / "model", tok.path, lineage)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "lineage.json", "model.safetensors",
+                                                    "tokenizer.model"]
+    assert read_lineage(out) == lineage
+    assert load_metadata(out) == {"step": 5, "val_loss": 2.5}
+    loaded = load(out, name="m")
+    assert loaded.lineage == lineage and loaded.tokenizer.sha256 == tok.sha256 and loaded.name == "m"
+    (out / "stale.txt").write_text("from the previous run")
+    write_model_dir(model, out, tok.path, Lineage(step=6))
+    assert not (out / "stale.txt").exists() and read_lineage(out).step == 6  # replaced, not merged
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temp directories left
+
+
+def test_lineage_keeps_unknown_keys_and_reads_old_files(tmp_path):
+    old = {"tokenizer_sha256": "ab" * 32, "step": 3, "val_loss": None, "imported_from": "/x",
+           "params": {"train": {"seq_len": 48}}, "future_field": [1, 2]}
+    (tmp_path / LINEAGE_FILE).write_text(json.dumps(old))
+    lineage = read_lineage(tmp_path)
+    assert (lineage.step, lineage.val_loss, lineage.seq_len) == (3, None, 48)  # seq_len from params.train
+    assert lineage.extra == {"imported_from": "/x", "future_field": [1, 2]}
+    assert {**lineage.to_dict(), "val_loss": None, "seq_len": 48} == {**old, "seq_len": 48}
+    assert read_lineage(tmp_path / "nowhere") is None
+    (tmp_path / LINEAGE_FILE).write_text("[1]")
+    with pytest.raises(ModelDirError, match="JSON object"):
+        read_lineage(tmp_path)
+
+
+def test_load_model_loads_every_variant(tiny_model_dir, tmp_path):
+    int8 = load_model(save_quantized(tiny_model_dir, tmp_path / "int8", "int8"))
+    assert any(isinstance(m, Int8Linear) for m in int8.modules())
+    half = load_model(save_quantized(tiny_model_dir, tmp_path / "fp16", "fp16"))
+    assert half.tok_embeddings.weight.dtype == torch.float16
+    assert read_lineage(tmp_path / "int8") == read_lineage(tiny_model_dir)  # the copies keep the lineage
+
+
+def test_load_names_what_is_missing(tiny_model_dir, tmp_path):
+    with pytest.raises(ModelDirError, match="not found"):
+        load(tmp_path / "nowhere")
+    save_model(load_model(tiny_model_dir), tmp_path / "no-tokenizer")
+    with pytest.raises(TokenizerError, match="tokenizer.model"):
+        load(tmp_path / "no-tokenizer")
