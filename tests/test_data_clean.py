@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from gpt.config import ConfigError, from_dict
-from gpt.data.clean import CleanConfig, QualityConfig, clean_text, quality_problem
+from gpt.data.clean import CleanConfig, QualityConfig, clean_text, quality_problem, split_long_text
 from gpt.data.dedup import DedupConfig, Deduplicator, content_id
 
 OFF = CleanConfig(normalize="none", clean_whitespace=False, scrub_pii=False)
@@ -32,6 +32,28 @@ def test_whitespace_and_control_cleanup():
     assert clean_text(text, CleanConfig(), repairs) == "title\nline\ntwo\n\nend\ntail"
     assert repairs == Counter(control_chars_removed=1, whitespace_trimmed=1)
     assert clean_text("keep\ttabs\n\n  and indentation", CleanConfig()) == "keep\ttabs\n\n  and indentation"
+
+
+def test_controls_between_words_become_a_space_ansi_and_zero_width_are_stripped():
+    repairs = Counter()
+    text = "with\x00embedded\x01\x02words, \x1b[1;31mred\x1b[0m \x1b]0;title\x07log, zero\u200bwidth\ufeff end\x07."
+    assert clean_text(text, CleanConfig(), repairs) == "with embedded words, red log, zerowidth end."
+    assert repairs == Counter(control_chars_removed=1, ansi_escapes_removed=1, zero_width_removed=1)
+    assert clean_text("می\u200cخواهم", CleanConfig()) == "می\u200cخواهم"  # the joiner spells Persian words
+
+
+def test_long_documents_split_at_paragraph_line_then_sentence_ends():
+    paragraphs = [f"Paragraph {i}. " + "Some words here. " * 10 for i in range(30)]
+    text = "\n\n".join(paragraphs)
+    pieces = split_long_text(text, 1000)
+    assert len(pieces) > 1 and all(len(p) <= 1000 for p in pieces)
+    assert all(p.startswith("Paragraph") and p.endswith("here. ") for p in pieces)  # whole paragraphs
+    assert "\n\n".join(pieces) == text
+    one_paragraph = "A first sentence that is long enough. " * 100  # no line ends: cut after sentences
+    pieces = split_long_text(one_paragraph.strip(), 500)
+    assert all(len(p) <= 500 and p.endswith("enough.") for p in pieces) and " ".join(pieces) == one_paragraph.strip()
+    assert split_long_text("x" * 2500, 1000) == ["x" * 834, "x" * 834, "x" * 832]  # no space at all: equal parts
+    assert split_long_text("short", 1000) == ["short"]
 
 
 def test_pii_scrub():
@@ -71,6 +93,8 @@ def test_config_errors_name_the_key():
         from_dict(QualityConfig, {"min_alpha_ratio": 2.0}, "prepare.quality")
     with pytest.raises(ConfigError, match="prepare.clean.normalize"):
         from_dict(CleanConfig, {"normalize": "NFD"}, "prepare.clean")
+    with pytest.raises(ConfigError, match="prepare.clean.too_long"):
+        from_dict(CleanConfig, {"too_long": "truncate"}, "prepare.clean")
     with pytest.raises(ConfigError, match="prepare.dedup.threshold"):
         from_dict(DedupConfig, {"threshold": 1.5}, "prepare.dedup")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,17 @@ import pytest
 from gpt.config import ConfigError, from_dict
 from gpt.data.builtin import BuiltinStats, iter_builtin_documents
 from gpt.data.corpus import read_corpus
-from gpt.data.prepare import PrepareConfig, PrepareError, SplitConfig, assign_split, prepare_corpus
+from gpt.data.dedup import content_id
+from gpt.data.prepare import (
+    PrepareConfig,
+    PrepareError,
+    RawDataError,
+    SplitConfig,
+    assign_split,
+    origin_id,
+    prepare_corpus,
+)
+from gpt.data.sources import SourceError
 
 TOPICS = ["parsers", "sockets", "threads", "queues", "files", "strings", "numbers", "dates", "paths", "codecs"]
 
@@ -83,8 +94,92 @@ def test_everything_filtered_is_a_clear_error_and_keeps_old_output(tmp_path):
     with pytest.raises(PrepareError, match="no documents left.*too_short"):
         prepare_corpus(_cfg(clean={"min_chars": 100_000, "max_chars": 200_000}), raw, tmp_path / "out")
     assert _rows(tmp_path / "out") == before
-    with pytest.raises(PrepareError, match="no documents left"):
-        prepare_corpus(_cfg(), tmp_path / "missing-raw-dir", tmp_path / "out2")
+    missing = tmp_path / "missing-raw-dir"
+    with pytest.raises(PrepareError, match=f"no documents left.*'\\*\\*/\\*' under {missing}.*does not exist"):
+        prepare_corpus(_cfg(), missing, tmp_path / "out2")
+    with pytest.raises(PrepareError, match=f"no documents left.*'books/\\*.txt' under {raw}.*matches no file"):
+        prepare_corpus(_cfg(sources=[{"kind": "files", "glob": "books/*.txt"}]), raw, tmp_path / "out2")
+
+
+def _book(n_chars: int, seed: int = 0) -> str:
+    """Distinct paragraphs of random words (no two pieces are near-duplicates)."""
+    rng = random.Random(seed)
+    words = [w for t in TOPICS for w in (t, t[:-1] + "ing", t.upper()[:3] + "x")] + ["the", "a", "of", "and"]
+    paragraphs, size = [], 0
+    while size < n_chars:
+        paragraph = " ".join(" ".join(rng.choices(words, k=12)) + "." for _ in range(6))
+        paragraphs.append(paragraph)
+        size += len(paragraph) + 2
+    return "\n\n".join(paragraphs)
+
+
+def test_long_documents_are_split_not_dropped_by_default(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    book = _book(1_300_000)  # a 1.3 MB book: over the default clean.max_chars (1,000,000)
+    (raw / "book.txt").write_text(book)
+    (raw / "notes.jsonl").write_text(json.dumps({"text": _doc(1)}) + "\n")
+    cfg = from_dict(PrepareConfig, {"sources": [{"kind": "files"}]}, "prepare")  # default clean and quality
+    metrics = prepare_corpus(cfg, raw, tmp_path / "out")
+    rows = _rows(tmp_path / "out")
+    pieces = [r for r in rows if r["source"] == "file:book.txt"]
+    assert metrics["dropped"] == {} and len(pieces) == 2 and all(len(r["text"]) <= 1_000_000 for r in pieces)
+    assert "\n\n".join(r["text"] for r in pieces) == book
+    assert {origin_id(r["id"]) for r in pieces} == {content_id(book)} and len({r["split"] for r in pieces}) == 1
+    assert metrics["long_documents_split"] == {"documents": 1, "pieces": 2}
+    assert [r["id"] for r in rows if r["source"] == "file:notes.jsonl"] == [content_id(_doc(1))]
+    # with too_long: drop the book is dropped, and counted
+    metrics = prepare_corpus(_cfg(clean={"too_long": "drop"}), raw, tmp_path / "drop")
+    assert metrics["dropped"] == {"too_long": 1} and metrics["documents_out"] == 1
+
+
+def test_file_over_max_record_bytes_is_read_in_pieces_and_kept(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    book = _book(300_000, seed=1)
+    (raw / "big.txt").write_text(book)
+    metrics = prepare_corpus(_cfg(max_record_bytes=64 << 10, clean={"max_chars": 20_000}), raw, tmp_path / "out")
+    rows = _rows(tmp_path / "out")
+    assert metrics["dropped"] == {} and len(rows) >= 15 and all(len(r["text"]) <= 20_000 for r in rows)
+    assert len({origin_id(r["id"]) for r in rows}) == 1 and len({r["id"] for r in rows}) == len(rows)
+    assert len({r["split"] for r in rows}) == 1
+    assert sorted(" ".join(r["text"].split()) for r in rows) == sorted(
+        " ".join(p.split()) for p in _pieces_of(book, rows)
+    )
+    assert metrics["long_documents_split"]["documents"] == 1
+    (raw / "small.txt").write_text(_doc(2))
+    metrics = prepare_corpus(_cfg(max_record_bytes=64 << 10, clean={"too_long": "drop"}), raw, tmp_path / "drop")
+    assert metrics["dropped"] == {"too_long": 5} and metrics["documents_out"] == 1  # the 64 KiB pieces of big.txt
+
+
+def _pieces_of(book: str, rows: list[dict]) -> list[str]:
+    """The book's words, cut where the rows were cut (so the comparison checks nothing was lost or repeated)."""
+    words = book.split()
+    out, pos = [], 0
+    for row in sorted(rows, key=lambda r: r["id"]):
+        n = len(row["text"].split())
+        out.append(" ".join(words[pos : pos + n]))
+        pos += n
+    assert pos == len(words)
+    return out
+
+
+def test_source_without_text_field_fails_instead_of_training_on_builtin_alone(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "mine.jsonl").write_text(json.dumps({"content": _doc(1)}) + "\n")
+    cfg = _cfg(sources=[{"kind": "builtin", "max_documents": 3}, {"kind": "files", "glob": "*.jsonl"}])
+    with pytest.raises(SourceError, match=r"prepare.sources\[1\].*text_field 'text'.*keys \['content'\]"):
+        prepare_corpus(cfg, raw, tmp_path / "out")
+
+
+def test_dangling_symlink_in_raw_is_named(tmp_path):
+    raw = tmp_path / "raw"
+    (raw / "sub").mkdir(parents=True)
+    (raw / "a.txt").write_text(_doc(1))
+    (raw / "sub" / "gone.txt").symlink_to(tmp_path / "deleted.txt")
+    with pytest.raises(RawDataError, match=f"{raw / 'sub' / 'gone.txt'} -> {tmp_path / 'deleted.txt'}"):
+        prepare_corpus(_cfg(), raw, tmp_path / "out")
 
 
 def test_langid_tags_and_filters(tmp_path):

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from gpt.data import check_raw
 from gpt.data.shards import TokenShards
 from gpt.errors import run_main
 from gpt.tokenizer import Tokenizer
@@ -70,3 +71,20 @@ def test_stage_errors_are_one_line_messages(project, capsys):
     assert _error_line(prepare.main, capsys).startswith("error: tokenizer: unknown key")
     write_params(project, PARAMS)
     assert "not found" in _error_line(tokenize.main, capsys)
+
+
+def test_data_errors_are_one_line_naming_source_link_and_special_token(project, capsys):
+    (project / "data/raw/mine.jsonl").write_text('{"content": "my text"}\n')
+    params = dict(PARAMS, prepare={"sources": [{"kind": "files", "glob": "*.jsonl"}]})
+    write_params(project, params)
+    err = _error_line(prepare.main, capsys)
+    assert "prepare.sources[0]" in err and "text_field 'text'" in err and "['content']" in err
+    (project / "data/raw/link.txt").symlink_to(project / "gone.txt")
+    assert "data/raw/link.txt" in _error_line(prepare.main, capsys)
+    assert "data/raw/link.txt" in _error_line(check_raw.main, capsys)  # `make repro` runs it before dvc repro
+    (project / "data/raw/link.txt").unlink()
+    check_raw.main()  # nothing dangling: passes quietly
+    for tokens, problem in ((["<|a|>", "<s>"], "reserved"), (["<|a|>", "<|a|>"], "twice"), ([""], "non-empty")):
+        write_params(project, dict(PARAMS, tokenizer={"special_tokens": tokens}))
+        err = _error_line(tokenizer.main, capsys)
+        assert err.startswith(f"error: tokenizer.special_tokens[{len(tokens) - 1}]: ") and problem in err

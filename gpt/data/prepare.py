@@ -1,8 +1,13 @@
 """`prepare`: raw sources → cleaned, deduplicated, split corpus (Parquet parts) + counts for metrics/prepare.json.
 
-One streaming pass in a fixed order: read each source's documents, clean them, drop by quality / language /
-duplicate (every drop counted by reason), give each kept document a content-hash id and a split drawn from that
-id (so adding documents never moves old ones between train and val), and write them with `CorpusWriter`.
+One streaming pass in a fixed order: read each source's documents, clean them, split those longer than
+`clean.max_chars` into pieces (or drop them, with `clean.too_long: drop`), drop by quality / language / duplicate
+(every drop counted by reason), give each kept document an id and a split drawn from its origin (so adding
+documents never moves old ones between train and val), and write them with `CorpusWriter`.
+
+Ids: a whole document's id is the content hash of its cleaned text. A piece of a long document (or of a file read
+in pieces) has the id `<origin>-<piece number>`, where origin is the content hash of the whole document (or of the
+file): `origin_id(id)` recovers it, and every piece of one document lands in the same split.
 """
 
 from __future__ import annotations
@@ -17,10 +22,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from gpt.config import ConfigError
-from gpt.data.clean import CleanConfig, QualityConfig, clean_text, quality_problem
+from gpt.data.clean import CleanConfig, QualityConfig, clean_text, quality_problem, split_long_text
 from gpt.data.corpus import CorpusWriter
 from gpt.data.dedup import DedupConfig, Deduplicator, content_id
-from gpt.data.sources import SourceConfig, Tally, iter_source
+from gpt.data.sources import RawDocument, SourceConfig, Tally, dangling_links, iter_source
 from gpt.errors import GptError
 
 
@@ -67,7 +72,9 @@ class PrepareConfig:
     dedup: DedupConfig = dataclasses.field(default_factory=DedupConfig)
     langid: LangIdConfig = dataclasses.field(default_factory=LangIdConfig)
     rows_per_file: int = 50_000
-    max_record_bytes: int = 8 << 20  # a text file / JSON line / CSV field larger than this is split or skipped
+    # A text file larger than this is read in pieces (then split like any long document); a JSON line or a CSV
+    # field larger than this is skipped and counted.
+    max_record_bytes: int = 8 << 20
 
     def __post_init__(self) -> None:
         if not self.sources:
@@ -78,8 +85,14 @@ class PrepareConfig:
             raise ConfigError(f"prepare.max_record_bytes: must be >= 1024, got {self.max_record_bytes}")
 
 
+def origin_id(doc_id: str) -> str:
+    """The id of the whole document a piece was cut from (a whole document's own id)."""
+    return doc_id.split("-", 1)[0]
+
+
 def assign_split(doc_id: str, cfg: SplitConfig) -> str:
-    """"val" for a fixed fraction of ids, decided by the id's hash alone."""
+    """"val" for a fixed fraction of ids, decided by the hash of the id's origin alone (pieces stay together)."""
+    doc_id = origin_id(doc_id)
     digest = hashlib.sha256(f"{cfg.salt}:{doc_id}".encode()).digest()
     return "val" if int.from_bytes(digest[:8], "big") < cfg.val_fraction * 2**64 else "train"
 
@@ -111,35 +124,84 @@ class _Counts:
     repaired: Counter = dataclasses.field(default_factory=Counter)
     splits: dict = dataclasses.field(default_factory=lambda: {s: {"documents": 0, "bytes": 0} for s in ("train", "val")})
     by_source: Counter = dataclasses.field(default_factory=Counter)
+    long_documents: int = 0  # documents longer than clean.max_chars, split into pieces
+    pieces: int = 0
+    origin: str | None = None  # the file being read in pieces, and the number of its next piece
+    next_piece: int = 0
+
+
+class RawDataError(GptError, RuntimeError):
+    """paths.raw holds something DVC cannot hash (a dangling symbolic link)."""
+
+
+def check_raw_dir(raw_dir: Path) -> None:
+    """Fail naming every dangling symbolic link under `raw_dir` (`dvc status`/`dvc repro` break on them)."""
+    links = dangling_links(Path(raw_dir))
+    if links:
+        named = ", ".join(f"{link} -> {link.readlink()}" for link in links)
+        raise RawDataError(
+            f"{raw_dir}: dangling symbolic link(s) {named}; DVC cannot hash {raw_dir} while they are there. "
+            "Restore the target or delete the link"
+        )
 
 
 def prepare_corpus(cfg: PrepareConfig, raw_dir: Path, out_dir: Path) -> dict:
     """Run the whole `prepare` pass; returns the metrics dict. Raises PrepareError if nothing survives."""
     from gpt.data.builtin import BuiltinStats
 
+    if any(source.kind == "files" for source in cfg.sources):
+        check_raw_dir(raw_dir)
     tally, counts, builtin = Tally(), _Counts(), BuiltinStats()
     dedup = Deduplicator(cfg.dedup)
     langid = _LanguageId(cfg.langid) if cfg.langid.enabled else None
     with CorpusWriter(out_dir, rows_per_file=cfg.rows_per_file) as writer:
-        for source in cfg.sources:
-            docs = iter_source(source, Path(raw_dir), tally, cfg.max_record_bytes, builtin)
+        for i, source in enumerate(cfg.sources):
+            docs = iter_source(source, Path(raw_dir), tally, cfg.max_record_bytes, builtin, f"prepare.sources[{i}]")
             for doc in tqdm(docs, desc=f"prepare {source.kind}", unit="doc", mininterval=2.0, disable=None):
-                row = _process(doc, cfg, counts, dedup, langid)
-                if row is not None:
-                    writer.write([row])
+                rows = [row for row in _process(doc, cfg, counts, dedup, langid) if row is not None]
+                writer.write(rows)
         documents_out = sum(s["documents"] for s in counts.splits.values())
         if documents_out == 0:
+            notes = f" {'; '.join(tally.notes)}." if tally.notes else ""
             raise PrepareError(
                 f"prepare: no documents left ({counts.docs_in} read; dropped {dict(counts.dropped)}; "
-                f"files skipped {dict(tally.files_skipped)}). Check prepare.sources and the filters in params.yaml."
+                f"files skipped {dict(tally.files_skipped)}).{notes} Check prepare.sources and the filters in "
+                "params.yaml."
             )
     return _metrics(cfg, counts, tally, builtin, writer.num_files)
 
 
-def _process(doc, cfg: PrepareConfig, counts: _Counts, dedup: Deduplicator, langid: _LanguageId | None):
+def _pieces(doc: RawDocument, text: str, max_chars: int, counts: _Counts) -> list[tuple[str, str]]:
+    """(id, text) of the documents one cleaned raw document becomes: itself, or its pieces when it is too long."""
+    if doc.origin is None and len(text) <= max_chars:
+        return [(content_id(text), text)]
+    if doc.origin is None:  # a long document: pieces numbered from 0
+        origin, first = content_id(text), 0
+        counts.long_documents += 1
+    else:  # one piece of a file read in pieces: numbering goes on from the file's previous piece
+        if doc.origin != counts.origin:
+            counts.origin, counts.next_piece = doc.origin, 0
+            counts.long_documents += 1
+        origin, first = doc.origin, counts.next_piece
+    pieces = split_long_text(text, max_chars)
+    counts.pieces += len(pieces)
+    counts.next_piece = first + len(pieces)
+    return [(f"{origin}-{first + k:05d}", piece) for k, piece in enumerate(pieces)]
+
+
+def _process(doc: RawDocument, cfg: PrepareConfig, counts: _Counts, dedup: Deduplicator, langid):
+    """The corpus rows of one raw document (None for each piece dropped; the reason is counted)."""
     counts.docs_in += 1
     counts.bytes_in += len(doc.text.encode("utf-8", errors="replace"))
     text = clean_text(doc.text, cfg.clean, counts.repaired)
+    if cfg.clean.too_long == "drop" and (len(text) > cfg.clean.max_chars or doc.origin is not None):
+        counts.dropped["too_long"] += 1  # a file too big to read whole is too long too
+        return [None]
+    return [_keep_or_drop(doc_id, piece, doc, cfg, counts, dedup, langid)
+            for doc_id, piece in _pieces(doc, text, cfg.clean.max_chars, counts)]
+
+
+def _keep_or_drop(doc_id: str, text: str, doc: RawDocument, cfg: PrepareConfig, counts: _Counts, dedup, langid):
     reason = quality_problem(text, cfg.clean, cfg.quality)
     lang = doc.lang
     if reason is None and langid is not None:
@@ -151,7 +213,6 @@ def _process(doc, cfg: PrepareConfig, counts: _Counts, dedup: Deduplicator, lang
     if reason is not None:
         counts.dropped[reason] += 1
         return None
-    doc_id = content_id(text)
     split = assign_split(doc_id, cfg.split)
     counts.splits[split]["documents"] += 1
     counts.splits[split]["bytes"] += len(text.encode("utf-8"))
@@ -169,6 +230,8 @@ def _metrics(cfg: PrepareConfig, counts: _Counts, tally: Tally, builtin, num_fil
         "cleaned": dict(sorted((+counts.repaired).items())),
         "splits": counts.splits,
         "documents_by_source": dict(sorted(counts.by_source.items())),
+        # documents over clean.max_chars (or files over max_record_bytes), and the pieces they were cut into
+        "long_documents_split": {"documents": counts.long_documents, "pieces": counts.pieces},
         "inputs": tally.as_dict(),
         "parquet_files": num_files,
     }
