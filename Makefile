@@ -39,6 +39,7 @@ test-deps:
 	@tools/system-deps.sh $(TEST_PACKAGES)
 
 repro: repro-deps setup
+	$(BIN)/python -m gpt.data.check_raw
 	$(BIN)/dvc repro
 
 # Tests use tiny models: one OpenMP thread each is as fast, and does not stall when the machine is busy.
