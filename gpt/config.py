@@ -28,7 +28,7 @@ class ConfigError(GptError, ValueError):
     """A params value is missing, unknown or of the wrong type/range. The message names the key."""
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
+def coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp` (recursing into lists, dicts, optionals, nested dataclasses)."""
     origin = get_origin(tp)
     if tp is Any:
@@ -42,7 +42,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _coerce(value, arg, key)
+                return coerce(value, arg, key)
             except ConfigError as err:
                 errors.append(str(err))
         if len(errors) == 1:  # Optional[X]: report X's error, noting that null is allowed too
@@ -57,13 +57,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
         (item_tp, *_) = get_args(tp) or (Any,)
-        items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        items = [coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
         k_tp, v_tp = get_args(tp) or (Any, Any)
-        return {_coerce(k, k_tp, key): _coerce(v, v_tp, f"{key}.{k}") for k, v in value.items()}
+        return {coerce(k, k_tp, key): coerce(v, v_tp, f"{key}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -107,7 +107,7 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, section: str) -> T:
     for name, field in fields.items():
         key = f"{section}.{name}" if section else name
         if name in data:
-            kwargs[name] = _coerce(data[name], hints[name], key)
+            kwargs[name] = coerce(data[name], hints[name], key)
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{key}: required but missing")
     try:

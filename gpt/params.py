@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from gpt.augment import AugmentConfig
-from gpt.config import PARAMS_FILE, ConfigError, PathsConfig, _coerce, from_dict
+from gpt.config import PARAMS_FILE, ConfigError, PathsConfig, coerce, from_dict
 from gpt.data.prepare import PrepareConfig
 from gpt.data.tokenize import TokenizeConfig
 from gpt.eval import EvalConfig
@@ -57,7 +57,7 @@ class ModelParams:
         preset = data.get("preset", cls.preset)
         if not isinstance(preset, str) or preset not in PRESETS:
             raise ConfigError(f"{section}.preset: unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-        vocab_size = _coerce(data.get("vocab_size"), int | None, f"{section}.vocab_size")
+        vocab_size = coerce(data.get("vocab_size"), int | None, f"{section}.vocab_size")
         overrides = {k: v for k, v in data.items() if k not in ("preset", "vocab_size")}
         # the values as ModelConfig types them (3 → 3.0 for a float field); unknown keys fail here, naming them
         typed = from_dict(ModelConfig, {**PRESETS[preset], **overrides}, section)
