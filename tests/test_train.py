@@ -4,7 +4,11 @@ exact resume and the resume policy. Tiny real models on tiny token shards writte
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
+import os
+import signal
+import stat
 
 import numpy as np
 import pytest
@@ -14,10 +18,17 @@ import torch
 from gpt.config import ConfigError
 from gpt.data.shards import ShardWriter, TokenShards
 from gpt.model import DecoderOnlyTransformer, ModelConfig
-from gpt.train.checkpoints import CheckpointManager, ResumeError, optimizer_from_flat, optimizer_to_flat
+from gpt.train.checkpoints import (
+    CheckpointManager,
+    ResumeError,
+    file_digest,
+    optimizer_from_flat,
+    optimizer_to_flat,
+    remove_leftovers,
+)
 from gpt.train.config import TrainConfig
 from gpt.train.device import Precision
-from gpt.train.loop import NonFiniteLossError, train
+from gpt.train.loop import NonFiniteLossError, TrainingInterrupted, train
 from gpt.train.optim import build_optimizer, lr_at, param_groups
 from gpt.train.step import train_step
 
@@ -131,8 +142,8 @@ class NanAfter(DecoderOnlyTransformer):
         super().__init__(config)
         self.calls, self.bad_call = 0, bad_call
 
-    def forward(self, input_ids, labels=None, attention_mask=None, targets=None):
-        logits, loss = super().forward(input_ids, labels, attention_mask, targets)
+    def forward(self, input_ids, labels=None, attention_mask=None):
+        logits, loss = super().forward(input_ids, labels, attention_mask)
         if self.training:
             self.calls += 1
             if self.calls >= self.bad_call:
@@ -265,3 +276,185 @@ def test_fp16_with_grad_scaler_trains_and_resumes_exactly(shards, tmp_path):
     assert resumed.resumed_from == 2 and math.isfinite(full.val_loss)
     (w1, _), (w2, _) = final_state(tmp_path / "full"), final_state(tmp_path / "resumed")
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
+# ---- checkpoints that survive damage (issue 11 §2) ----
+def test_checkpoint_records_file_sizes_and_hashes_with_ordinary_permissions(shards, tmp_path):
+    run(tiny_model(), cfg(max_steps=3, checkpoint_every=3), shards, tmp_path / "c")
+    path = tmp_path / "c/step-000003"
+    state = CheckpointManager(tmp_path / "c").read_state(path)
+    on_disk = sorted(p.name for p in path.iterdir() if p.name != "state.json")
+    assert sorted(state["files"]) == on_disk and "model.safetensors" in on_disk
+    for name, meta in state["files"].items():
+        assert meta == file_digest(path / name)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o777 & ~umask
+    assert {stat.S_IMODE(p.stat().st_mode) for p in path.iterdir()} == {0o666 & ~umask}
+    assert not [p for p in (tmp_path / "c").iterdir() if p.name.startswith(".")]  # no temp left
+
+
+def _damage(path, how):
+    if how == "missing state":
+        (path / "state.json").unlink()
+        return "state.json"
+    how, name = how.split(" ", 1)
+    file = path / name
+    data = file.read_bytes()
+    if how == "truncated":
+        file.write_bytes(data[: len(data) // 2])
+    elif how == "zero-length":
+        file.write_bytes(b"")
+    else:  # flipped: same size, one byte of the tensor data changed
+        file.write_bytes(data[:-9] + bytes([data[-9] ^ 0x40]) + data[-8:])
+    return name
+
+
+@pytest.mark.parametrize("how", ["truncated model.safetensors", "zero-length optimizer.safetensors",
+                                 "flipped rng.safetensors", "flipped model.safetensors", "missing state"])
+def test_damaged_latest_checkpoint_is_set_aside_and_the_run_falls_back(shards, tmp_path, caplog, how):
+    c = cfg(max_steps=6, checkpoint_every=3)
+    full, _ = run(tiny_model(), c, shards, tmp_path / "full")
+    run(tiny_model(), c, shards, tmp_path / "c")
+    name = _damage(tmp_path / "c/step-000006", how)
+    with caplog.at_level(logging.WARNING):
+        again, _ = run(tiny_model(seed=3), c, shards, tmp_path / "c")
+    assert again.resumed_from == 3  # the newest intact one, then steps 4..6 again
+    assert any("step-000006" in r.message and name in r.message for r in caplog.records), caplog.text
+    aside = tmp_path / "c/step-000006.damaged-1"
+    assert aside.is_dir() and (how == "missing state" or (aside / name).is_file())  # kept, not deleted
+    (w1, o1), (w2, o2) = final_state(tmp_path / "full"), final_state(tmp_path / "c")
+    assert all(torch.equal(w1[k], w2[k]) for k in w1) and all(torch.equal(o1[k], o2[k]) for k in o1)
+    assert again.val_loss == full.val_loss
+
+
+def test_no_intact_checkpoint_starts_fresh_under_auto_and_fails_under_strict(shards, tmp_path, caplog):
+    c = cfg(max_steps=3, checkpoint_every=3)
+    run(tiny_model(), c, shards, tmp_path / "c")
+    _damage(tmp_path / "c/step-000003", "truncated model.safetensors")
+    with pytest.raises(ResumeError, match=r"step-000003.*model\.safetensors"):
+        run(tiny_model(), dataclasses.replace(c, resume="strict"), shards, tmp_path / "c")
+    assert (tmp_path / "c/step-000003").is_dir()  # strict changes nothing
+    with caplog.at_level(logging.WARNING):
+        again, _ = run(tiny_model(), c, shards, tmp_path / "c")
+    assert again.resumed_from == 0 and "starting fresh" in caplog.text
+    assert (tmp_path / "c/step-000003.damaged-1").is_dir() and (tmp_path / "c/step-000003/state.json").is_file()
+
+
+def test_leftovers_of_killed_writes_and_interrupted_prunes_are_cleaned_at_start(shards, tmp_path, caplog):
+    c = cfg(max_steps=3, checkpoint_every=3)
+    run(tiny_model(), c, shards, tmp_path / "c")
+    ckpt = tmp_path / "c"
+    for leftover in (".step-000006.x1y2.tmp", ".tmp-step-000006-abc", ".old-step-000003-12"):
+        (ckpt / leftover).mkdir()
+        (ckpt / leftover / "model.safetensors").write_bytes(b"partial")
+    (ckpt / "step-000001").mkdir()  # older than the newest complete one: an interrupted prune
+    (ckpt / "step-000001" / "rng.safetensors").write_bytes(b"x")
+    (ckpt / "step-000009").mkdir()  # newer and without state: damage, set aside
+    with caplog.at_level(logging.WARNING):
+        again, _ = run(tiny_model(), c, shards, tmp_path / "c")
+    assert again.resumed_from == 3
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step-000003", "step-000009.damaged-1"]
+    assert "step-000009" in caplog.text
+
+
+def test_remove_leftovers_next_to_an_output(tmp_path):
+    (tmp_path / "model").mkdir()
+    for name in (".model.a1b2.tmp", ".tmp-model-x", ".old-model-7", ".other.zz.tmp"):
+        (tmp_path / name).mkdir()
+    removed = remove_leftovers(tmp_path / "model")
+    assert sorted(p.name for p in removed) == [".model.a1b2.tmp", ".old-model-7", ".tmp-model-x"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.zz.tmp", "model"]
+
+
+# ---- other runs' checkpoints are kept; extending a finished run ----
+def test_changed_params_move_the_old_run_aside_and_changing_back_continues_it(shards, tmp_path, caplog):
+    c = cfg(max_steps=6, checkpoint_every=3, keep_other_runs=1)
+    first, _ = run(tiny_model(), c, shards, tmp_path / "c")
+    fp = CheckpointManager(tmp_path / "c").read_state(tmp_path / "c/step-000006")["fingerprint"][:16]
+    with caplog.at_level(logging.WARNING):
+        other, _ = run(tiny_model(), dataclasses.replace(c, lr=2.0e-2), shards, tmp_path / "c")
+    assert other.resumed_from == 0
+    moved = tmp_path / "c/runs" / fp
+    assert sorted(p.name for p in moved.iterdir()) == ["step-000003", "step-000006"]
+    assert str(moved) in caplog.text and "train.lr" in caplog.text  # says where they went and why
+    back, _ = run(tiny_model(seed=4), c, shards, tmp_path / "c")  # lr back: the first run, finished
+    assert back.resumed_from == 6 and back.val_loss == first.val_loss
+    assert [p.name for p in (tmp_path / "c/runs").iterdir()] != [fp]  # the lr=2e-2 run is the other run now
+    run(tiny_model(), dataclasses.replace(c, lr=5.0e-3), shards, tmp_path / "c")
+    assert len(list((tmp_path / "c/runs").iterdir())) == 1  # keep_other_runs: 1
+
+
+def weights(ckpt_dir):
+    return final_state(ckpt_dir)[0]
+
+
+@pytest.mark.parametrize("schedule, old_max, new_max, continues_from", [
+    ("constant", 6, 9, 6),  # lr never depends on max_steps: continue from the end
+    ("wsd", 6, 12, 3),  # decay_fraction 0.5: the old decay started at 3 (pinned checkpoint), the new one at 6
+    ("cosine", 6, 9, 0),  # the cosine curve after warmup depends on max_steps: start fresh
+])
+def test_raising_max_steps_on_a_finished_run(shards, tmp_path, caplog, schedule, old_max, new_max,
+                                             continues_from):
+    c = cfg(max_steps=old_max, checkpoint_every=3, keep_last=1, keep_best=False, schedule=schedule,
+            decay_fraction=0.5)
+    run(tiny_model(), c, shards, tmp_path / "c")
+    longer = dataclasses.replace(c, max_steps=new_max)
+    with caplog.at_level(logging.WARNING):
+        extended, _ = run(tiny_model(), longer, shards, tmp_path / "c")  # fresh starts from the same init
+    direct, _ = run(tiny_model(), longer, shards, tmp_path / "direct")
+    assert extended.resumed_from == continues_from
+    assert extended.val_loss == direct.val_loss
+    w1, w2 = weights(tmp_path / "c"), weights(tmp_path / "direct")
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+    if continues_from == 0:
+        assert "learning rate" in caplog.text and list((tmp_path / "c/runs").iterdir())
+
+
+# ---- SIGINT / SIGTERM ----
+class SignalAt:
+    """Data source that sends this process `signum` while fetching the batch of `at_step`."""
+
+    def __init__(self, data, at_step, signum):
+        self.data, self.at_step, self.signum = data, at_step, signum
+
+    def get_batch(self, step, *args, **kwargs):
+        if step == self.at_step:
+            os.kill(os.getpid(), self.signum)
+        return self.data.get_batch(step, *args, **kwargs)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_saves_at_the_current_step_and_the_rerun_matches(shards, tmp_path, signum):
+    c = cfg(max_steps=6, checkpoint_every=3)
+    run(tiny_model(dropout=0.1), c, shards, tmp_path / "full")
+    with pytest.raises(TrainingInterrupted) as stopped:
+        run(tiny_model(dropout=0.1), c, (SignalAt(shards[0], 3, signum), shards[1]), tmp_path / "stopped")
+    assert stopped.value.step == 4 and stopped.value.exit_code == 128 + signum
+    assert CheckpointManager(tmp_path / "stopped").latest().name == "step-000004"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    resumed, _ = run(tiny_model(dropout=0.1), c, shards, tmp_path / "stopped")
+    assert resumed.resumed_from == 4
+    (w1, o1), (w2, o2) = final_state(tmp_path / "full"), final_state(tmp_path / "stopped")
+    assert all(torch.equal(w1[k], w2[k]) for k in w1) and all(torch.equal(o1[k], o2[k]) for k in o1)
+
+
+# ---- messages and output ----
+class NanGradients(DecoderOnlyTransformer):
+    """Finite loss, NaN gradients (what a corrupted-but-loadable checkpoint produced)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.lm_head.weight.register_hook(lambda grad: grad * float("nan"))
+
+
+def test_nonfinite_gradient_norm_is_named_as_such(shards, tmp_path):
+    model = NanGradients(tiny_model().config)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite gradient norm .* at step 1") as err:
+        run(model, cfg(), shards, tmp_path / "ckpt")
+    assert "non-finite loss" not in str(err.value)
+
+
+def test_progress_bar_is_quiet_when_stderr_is_not_a_terminal(shards, tmp_path, capsys):
+    run(tiny_model(), cfg(max_steps=2, checkpoint_every=2, progress=True), shards, tmp_path / "c")
+    assert "train:" not in capsys.readouterr().err

@@ -36,7 +36,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from gpt.atomic import TEMP_SUFFIX, atomic_directory, remove_stale_temps
+from gpt.atomic import TEMP_SUFFIX, atomic_directory, remove_stale_temps, write_atomic, write_text_atomic
 from gpt.errors import GptError
 from gpt.model_dir import WEIGHTS_FILE, save_model
 
@@ -152,7 +152,7 @@ def _save_weights(model: nn.Module, directory: Path) -> None:
     if hasattr(model, "config") and hasattr(model.config, "to_dict"):
         save_model(model, directory)
     else:  # any other nn.Module (tests): plain safetensors, shared tensors once
-        safetensors.torch.save_model(model, str(directory / MODEL_FILE))
+        write_atomic(directory / MODEL_FILE, lambda name: safetensors.torch.save_model(model, name))
 
 
 def _load_weights(model: nn.Module, path: Path) -> None:
@@ -246,12 +246,12 @@ class CheckpointManager:
         with atomic_directory(final) as tmp:
             _save_weights(model, tmp)
             opt_tensors, opt_meta = optimizer_to_flat(optimizer)
-            safetensors.torch.save_file(opt_tensors, str(tmp / OPTIMIZER_FILE))
+            write_atomic(tmp / OPTIMIZER_FILE, lambda name: safetensors.torch.save_file(opt_tensors, name))
             rng_tensors, rng_meta = rng_to_flat()
-            safetensors.torch.save_file(rng_tensors, str(tmp / RNG_FILE))
+            write_atomic(tmp / RNG_FILE, lambda name: safetensors.torch.save_file(rng_tensors, name))
             files = {p.name: file_digest(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-            document = {**state, "optimizer": opt_meta, "rng": rng_meta, "files": files}
-            (tmp / STATE_FILE).write_text(json.dumps(document, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            document = {**state, "optimizer": opt_meta, "rng": rng_meta, "files": files}  # state.json last
+            write_text_atomic(tmp / STATE_FILE, json.dumps(document, indent=2, sort_keys=True) + "\n")
         self.prune()
         return final
 
@@ -320,8 +320,8 @@ class CheckpointManager:
                 self.set_aside(path, f"{STATE_FILE} is missing")
 
     def archive(self, paths: list[Path], run_key: str) -> Path:
-        """Move another run's checkpoints to runs/<run_key>/ (replacing the same steps there), then apply the
-        retention limit to the run folders. Returns the folder."""
+        """Move another run's checkpoints to runs/<run_key>/ (replacing the same steps there). Returns the folder;
+        call `apply_retention` once done (after a run that matches again may have been restored)."""
         folder = self.directory / RUNS_DIR / run_key
         folder.mkdir(parents=True, exist_ok=True)
         for path in paths:
@@ -332,7 +332,6 @@ class CheckpointManager:
         os.utime(folder)  # most recently moved first, for the retention limit
         log.warning("moved %d checkpoint(s) of another run (%s) to %s", len(paths),
                     ", ".join(p.name for p in paths), folder)
-        self.apply_retention()
         return folder
 
     def apply_retention(self) -> None:

@@ -17,8 +17,8 @@ Schedule = Literal["cosine", "wsd", "constant"]
 
 # Keys that don't change what the model sees or how it is updated: changing them keeps a run resumable.
 BOOKKEEPING_KEYS = frozenset(
-    {"log_every", "eval_every", "eval_windows", "checkpoint_every", "keep_last", "keep_best", "resume", "progress",
-     "peak_flops", "compile"}
+    {"log_every", "eval_every", "eval_windows", "checkpoint_every", "keep_last", "keep_best", "keep_other_runs",
+     "resume", "progress", "peak_flops", "compile"}
 )
 
 
@@ -52,6 +52,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_last: int = 2
     keep_best: bool = True
+    keep_other_runs: int = 3  # run folders kept under paths.checkpoints/runs/ (other runs' checkpoints)
     resume: Literal["auto", "strict", "never"] = "auto"
     peak_flops: float | None = None  # FLOP/s for MFU; null = device table (GPU) or a measured matmul (CPU)
     progress: bool = True
@@ -62,6 +63,8 @@ class TrainConfig:
         for key in positive:
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key}: must be >= 1, got {getattr(self, key)}")
+        if self.keep_other_runs < 0:
+            raise ConfigError(f"train.keep_other_runs: must be >= 0, got {self.keep_other_runs}")
         if self.tokens_per_step is not None and self.tokens_per_step < 1:
             raise ConfigError(f"train.tokens_per_step: must be >= 1 or null, got {self.tokens_per_step}")
         if self.lr <= 0:

@@ -1,23 +1,25 @@
-"""The training loop: resume-or-start, steps, periodic validation, checkpoints, logging.
+"""The training loop: resume-or-start, steps, periodic validation, checkpoints, logging, clean interruption.
 
 Everything a step depends on is a function of (params, step): the data (`get_batch(step, ...)` of the shard reader),
 the learning rate (`lr_at(step)`), the dropout RNG (reseeded from (seed, rank, step)). Together with the weights and
 optimizer state in a checkpoint, that makes a resumed run bit-identical to an uninterrupted one on CPU in fp32.
+Which checkpoint (if any) continues a run is decided in gpt/train/resume.py.
 
-A run is identified by a fingerprint of everything that changes its trajectory (model config, the train params
-except bookkeeping keys, world size, tokenizer and shard hashes, the training/model source code). A checkpoint
-with another fingerprint is never resumed: `resume: auto` starts fresh (and says which keys changed),
-`resume: strict` fails, `resume: never` always starts fresh.
+SIGINT/SIGTERM during the loop finish the current step, save a checkpoint at it and raise `TrainingInterrupted`
+(a KeyboardInterrupt: the stage prints one line and exits 128 + the signal number, 130 for Ctrl-C); a second signal
+stops at once. A rerun resumes from that step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import hashlib
-import json
 import logging
 import math
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,19 +29,31 @@ from tqdm import tqdm
 
 from gpt.config import to_dict
 from gpt.errors import GptError
-from gpt.train.checkpoints import CheckpointManager, ResumeError
-from gpt.train.config import BOOKKEEPING_KEYS, TrainConfig
+from gpt.train.checkpoints import CheckpointManager
+from gpt.train.config import TrainConfig
 from gpt.train.device import Precision, resolve_precision, select_device, step_seed
-from gpt.train.distributed import DistInfo, barrier, init_distributed, rank_device
+from gpt.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, rank_device
 from gpt.train.metrics import TrainLogger, flops_per_token, peak_flops
-from gpt.train.optim import build_optimizer, lr_at, set_lr
-from gpt.train.step import train_step, validation_loss
+from gpt.train.optim import build_optimizer, lr_at, set_lr, wsd_decay_start
+from gpt.train.resume import choose_resume, fingerprint, run_identity
+from gpt.train.step import StepResult, train_step, validation_loss
 
 log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(GptError, RuntimeError):
-    """The loss or gradient norm became NaN/inf (message names the step)."""
+    """The loss or gradient norm became NaN/inf (message names which, and the step)."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM stopped training after a checkpoint was saved at the current step."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        self.exit_code = 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+        where = f"checkpoint {checkpoint} saved" if checkpoint else "no checkpoint saved on this rank"
+        super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step}; {where} — run again to "
+                         "resume from it")
 
 
 class BatchSource(Protocol):
@@ -62,61 +76,6 @@ class TrainResult:
     nonfinite_skipped: int
     best_checkpoint: str | None
     last_checkpoint: str | None
-
-
-def source_hash() -> str:
-    """sha256 of the training and model source: code changes make old checkpoints non-resumable."""
-    digest = hashlib.sha256()
-    roots = [Path(__file__).parent, Path(__file__).parent.parent / "model"]
-    for root in roots:
-        for path in sorted(root.rglob("*.py")):
-            digest.update(path.relative_to(root.parent).as_posix().encode())
-            digest.update(path.read_bytes())
-    return digest.hexdigest()
-
-
-def run_identity(cfg: TrainConfig, model_config: dict[str, Any], lineage: dict[str, Any],
-                 world_size: int) -> dict[str, Any]:
-    """The params and inputs that define a run's trajectory (everything a resumed run must share)."""
-    train = {k: v for k, v in to_dict(cfg).items() if k not in BOOKKEEPING_KEYS}
-    return {"model": model_config, "train": train, "world_size": world_size, "lineage": lineage,
-            "source": source_hash()}
-
-
-def fingerprint(identity: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    changed = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            changed += _changed_keys(a, b, f"{prefix}{key}.")
-        elif a != b:
-            changed.append(f"{prefix}{key}")
-    return changed
-
-
-def choose_resume(manager: CheckpointManager, identity: dict[str, Any], policy: str) -> Path | None:
-    """The checkpoint to continue from, or None for a fresh start (clearing incompatible checkpoints)."""
-    manager.clean_temp()
-    latest = manager.latest()
-    if latest is None or policy == "never":
-        if latest is not None:
-            manager.clear()
-        return None
-    state = manager.read_state(latest)
-    if state.get("fingerprint") == fingerprint(identity):
-        return latest
-    changed = _changed_keys(state.get("identity", {}), identity) or ["(unknown)"]
-    message = (f"checkpoint {latest} belongs to a different run; changed: {', '.join(changed)}")
-    if policy == "strict":
-        raise ResumeError(message + " (train.resume is strict: restore those params, or set resume: auto to "
-                                    "start fresh)")
-    log.warning("%s — starting fresh and removing the old checkpoints", message)
-    manager.clear()
-    return None
 
 
 @dataclasses.dataclass
@@ -190,13 +149,22 @@ def _save_checkpoint(run: Run, manager: CheckpointManager, step: int, tokens: in
         "identity": identity,
         "fingerprint": fingerprint(identity),
         "lineage": identity["lineage"],
+        "pinned": _is_branch_point(step, run.cfg),
     }
     return manager.save(run.model, run.optimizer, state)
 
 
+def _is_branch_point(step: int, cfg: TrainConfig) -> bool:
+    """WSD: the last regular checkpoint before the decay starts — a longer schedule continues from it (resume.py),
+    so pruning keeps it."""
+    decay_start = wsd_decay_start(cfg)
+    next_regular = (step // cfg.checkpoint_every + 1) * cfg.checkpoint_every
+    return decay_start is not None and step <= decay_start < next_regular
+
+
 def _resume_state(run: Run, manager: CheckpointManager, identity: dict[str, Any]) -> dict[str, Any]:
     """Rank 0 picks the checkpoint (or none); every rank loads it. Returns its state.json, or {} when fresh."""
-    path = choose_resume(manager, identity, run.cfg.resume) if run.info.is_main else None
+    path = choose_resume(manager, identity, run.cfg) if run.info.is_main else None
     path = _broadcast_path(path, run.info)
     return _restore(run, manager, path) if path else {}
 
@@ -209,8 +177,12 @@ def _restore(run: Run, manager: CheckpointManager, path: Path) -> dict[str, Any]
     return state
 
 
-def _handle_nonfinite(run: Run, step: int, loss: float, skipped: int, manager: CheckpointManager) -> int:
-    where = f"non-finite loss ({loss}) at step {step + 1} (lr {lr_at(step, run.cfg):.3g})"
+def _handle_nonfinite(run: Run, step: int, result: StepResult, skipped: int, manager: CheckpointManager) -> int:
+    if math.isfinite(result.loss):  # the loss was fine: the gradients overflowed
+        value = f"gradient norm ({result.grad_norm}; the loss {result.loss:.4f} was finite)"
+    else:
+        value = f"loss ({result.loss})"
+    where = f"non-finite {value} at step {step + 1} (lr {lr_at(step, run.cfg):.3g})"
     latest = manager.latest()
     if run.cfg.on_nonfinite == "stop":
         raise NonFiniteLossError(f"train: {where}; stopped. Last checkpoint: {latest}. Lower train.lr, raise "
@@ -246,7 +218,8 @@ def train(model: nn.Module, cfg: TrainConfig, train_data: BatchSource, val_data:
     """Train `model` (already initialised with the same seed on every rank) for cfg.max_steps optimizer steps,
     resuming from `checkpoint_dir` when a compatible checkpoint exists. Rank 0 writes checkpoints and metrics."""
     run = setup_run(model, cfg)
-    manager = CheckpointManager(checkpoint_dir, keep_last=cfg.keep_last, keep_best=cfg.keep_best)
+    manager = CheckpointManager(checkpoint_dir, keep_last=cfg.keep_last, keep_best=cfg.keep_best,
+                                keep_other_runs=cfg.keep_other_runs)
     identity = run_identity(cfg, model_config, lineage, run.info.world_size)
     state = _resume_state(run, manager, identity)
     start = state.get("step", 0)
@@ -259,40 +232,44 @@ def train(model: nn.Module, cfg: TrainConfig, train_data: BatchSource, val_data:
                                 cfg.seq_len)
     peak = peak_flops(run.device, run.precision.name, cfg.peak_flops) if run.info.is_main else 0.0
     logger = TrainLogger(live_dir if run.info.is_main else None, resume_step=start)
+    # disable=None: no bar when stderr is not a terminal (CI logs, `make repro > log`); DVCLive still logs
     bar = tqdm(total=cfg.max_steps, initial=start, desc="train", unit="step",
-               disable=not (cfg.progress and run.info.is_main))
+               disable=None if cfg.progress and run.info.is_main else True)
     run.trained.train()
     t0, last_ckpt, tok_s = time.perf_counter(), None, 0.0
     clock = Throughput(tokens_per_step, flops_tok, peak)
-    for step in range(start, cfg.max_steps):
-        torch.manual_seed(step_seed(cfg.seed, run.info.rank, step))
-        lr = lr_at(step, cfg)
-        set_lr(run.optimizer, lr)
-        result = train_step(run.trained, run.optimizer, micro_batches(train_data, step, run), run.precision,
-                            cfg.grad_clip, run.info, run.scaler)
-        if not result.finite:
-            skipped = _handle_nonfinite(run, step, result.loss, skipped, manager)
-        tokens, clock.steps, done = tokens + tokens_per_step, clock.steps + 1, step + 1
-        is_ckpt = done % cfg.checkpoint_every == 0 or done == cfg.max_steps
-        metrics = {}
-        if done % cfg.log_every == 0 or is_ckpt or done == 1:  # same rows whether or not the run was resumed
-            tok_s, mfu = clock.measure()
-            metrics = {"train/loss": result.loss, "lr": lr, "grad_norm": result.grad_norm, "tokens_per_s": tok_s,
-                       "mfu": mfu, "tokens": tokens}
-            metrics.update(_router_stats(run.model))
-        if done % cfg.eval_every == 0 or is_ckpt:
-            val_loss = validation_loss(run.trained, val_windows, run.precision, cfg.batch_size, run.info)
-            best = min(best, val_loss)
-            metrics["val/loss"] = val_loss
-        logger.log(done, metrics)
-        bar.set_postfix(loss=f"{result.loss:.3f}", val=f"{val_loss:.3f}", tok_s=f"{tok_s:,.0f}")
-        bar.update(1)
-        if is_ckpt:
-            if run.info.is_main:
-                last_ckpt = _save_checkpoint(run, manager, done, tokens, val_loss, best, skipped, identity,
-                                             model_config)
-            barrier(run.info)
-    bar.close()
+    with stop_signals() as stop, contextlib.closing(bar):
+        for step in range(start, cfg.max_steps):
+            torch.manual_seed(step_seed(cfg.seed, run.info.rank, step))
+            lr = lr_at(step, cfg)
+            set_lr(run.optimizer, lr)
+            result = train_step(run.trained, run.optimizer, micro_batches(train_data, step, run), run.precision,
+                                cfg.grad_clip, run.info, run.scaler)
+            if not result.finite:
+                skipped = _handle_nonfinite(run, step, result, skipped, manager)
+            tokens, clock.steps, done = tokens + tokens_per_step, clock.steps + 1, step + 1
+            is_ckpt = done % cfg.checkpoint_every == 0 or done == cfg.max_steps
+            metrics = {}
+            if done % cfg.log_every == 0 or is_ckpt or done == 1:  # same rows whether or not the run was resumed
+                tok_s, mfu = clock.measure()
+                metrics = {"train/loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
+                           "tokens_per_s": tok_s, "mfu": mfu, "tokens": tokens}
+                metrics.update(_router_stats(run.model))
+            if done % cfg.eval_every == 0 or is_ckpt:
+                val_loss = validation_loss(run.trained, val_windows, run.precision, cfg.batch_size, run.info)
+                best = min(best, val_loss)
+                metrics["val/loss"] = val_loss
+            logger.log(done, metrics)
+            bar.set_postfix(loss=f"{result.loss:.3f}", val=f"{val_loss:.3f}", tok_s=f"{tok_s:,.0f}")
+            bar.update(1)
+            stopping = done < cfg.max_steps and _agreed(stop.signum is not None, run)  # the last step: finish
+            if is_ckpt or stopping:
+                if run.info.is_main:
+                    last_ckpt = _save_checkpoint(run, manager, done, tokens, val_loss, best, skipped, identity,
+                                                 model_config)
+                barrier(run.info)
+            if stopping:
+                raise TrainingInterrupted(stop.signum or signal.SIGINT, done, last_ckpt)
     elapsed = time.perf_counter() - t0
     avg_tok_s = tokens_per_step * (cfg.max_steps - start) / elapsed
     result = TrainResult(step=cfg.max_steps, val_loss=val_loss, best_val_loss=best, tokens_seen=tokens,
@@ -306,6 +283,40 @@ def train(model: nn.Module, cfg: TrainConfig, train_data: BatchSource, val_data:
     logger.summary(summary)
     logger.close()
     return result, run
+
+
+@dataclasses.dataclass
+class StopRequest:
+    signum: int | None = None
+
+
+@contextlib.contextmanager
+def stop_signals() -> Iterator[StopRequest]:
+    """While training: the first SIGINT/SIGTERM only records itself (the loop saves and stops after the current
+    step); a second one raises KeyboardInterrupt at once. Handlers are restored on exit."""
+    stop = StopRequest()
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        yield stop
+        return
+
+    def handler(signum, frame):
+        if stop.signum is not None:
+            raise KeyboardInterrupt
+        stop.signum = signum
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _agreed(flag: bool, run: Run) -> bool:
+    """Under DDP every rank stops at the same step (a signal may reach the ranks at different steps)."""
+    if not run.info.enabled:
+        return flag
+    return bool(all_reduce_sum(torch.tensor(float(flag), device=run.device), run.info).item() > 0)
 
 
 def _router_stats(model: nn.Module) -> dict[str, float]:

@@ -50,13 +50,19 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         span = max(1, cfg.max_steps - cfg.warmup_steps)
         progress = min(1.0, (step - cfg.warmup_steps) / span)
         return min_lr + 0.5 * (cfg.lr - min_lr) * (1.0 + math.cos(math.pi * progress))
-    # wsd
-    decay_steps = max(1, round(cfg.decay_fraction * cfg.max_steps))
-    decay_start = max(cfg.warmup_steps, cfg.max_steps - decay_steps)
+    decay_start = wsd_decay_start(cfg)
     if step < decay_start:
         return cfg.lr
     progress = min(1.0, (step - decay_start + 1) / max(1, cfg.max_steps - decay_start))
     return cfg.lr - (cfg.lr - min_lr) * progress
+
+
+def wsd_decay_start(cfg: TrainConfig) -> int | None:
+    """The first step of a WSD schedule's decay (None for other schedules)."""
+    if cfg.schedule != "wsd":
+        return None
+    decay_steps = max(1, round(cfg.decay_fraction * cfg.max_steps))
+    return max(cfg.warmup_steps, cfg.max_steps - decay_steps)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
