@@ -61,7 +61,8 @@ def read_rows(path) -> list[dict]:
 
 def run(tmp_path, rows, translators, **overrides):
     write_corpus(tmp_path / "cleaned", rows)
-    cfg = AugmentConfig(**{"backend": "apertium", "fraction": 1.0, "workers": 2, "retries": 1, **overrides})
+    cfg = AugmentConfig(**{"backend": "apertium", "fraction": 1.0, "workers": 2, "retries": 1, "detect_lang": False,
+                           **overrides})
     metrics = augment_corpus(cfg, tmp_path / "cleaned", tmp_path / "aug", tmp_path / "cache", translators=translators,
                              progress=False)
     return metrics, read_rows(tmp_path / "aug")
@@ -167,11 +168,50 @@ def test_too_many_failures_fail_the_stage_and_keep_previous_output(tmp_path):
     before = read_rows(tmp_path / "aug")
     bad = rows + [doc(i, text=f"FAIL {i}") for i in range(3)]
     write_corpus(tmp_path / "cleaned", bad)
-    cfg = AugmentConfig(fraction=1.0, retries=0, max_failure_fraction=0.2)
-    with pytest.raises(AugmentFailed, match="3 of 3 documents failed.*max_failure_fraction"):
+    cfg = AugmentConfig(fraction=1.0, retries=0, max_failure_fraction=0.2, detect_lang=False)
+    with pytest.raises(AugmentFailed) as err:
         augment_corpus(cfg, tmp_path / "cleaned", tmp_path / "aug", tmp_path / "cache",
                        translators=[FakeTranslator(fail_on="FAIL")], progress=False)
-    assert read_rows(tmp_path / "aug") == before
+    message = str(err.value)
+    # counted over all 13 documents to translate (10 were cache hits), each failed one named by id
+    assert "3 of 13 documents" in message and "max_failure_fraction=0.2" in message
+    assert all(r["id"] in message for r in bad[10:]) and "was not written" in message
+    assert "previous output is kept" not in message  # DVC deletes outputs before a stage runs
+    assert "\n" not in message
+    assert read_rows(tmp_path / "aug") == before  # outside DVC the old output is still there
+
+
+def test_failure_threshold_counts_all_documents_so_a_rerun_decides_the_same(tmp_path):
+    """2 of 40 fail (5%): the first run passes; the rerun (38 cache hits) must too, with the same output."""
+    rows = [doc(i) for i in range(38)] + [doc(90 + i, text=f"this will FAIL {i}") for i in range(2)]
+    fake = FakeTranslator(fail_on="FAIL")
+    first, out1 = run(tmp_path, rows, [fake], max_failure_fraction=0.05)
+    failed_ids = [r["id"] for r in rows[-2:]]
+    assert first["documents_failed"] == 2 and first["documents_to_translate"] == 40
+    assert [d["id"] for d in first["failed_documents"]] == failed_ids
+    assert {d["reason"] for d in first["failed_documents"]} == {"fake_error"}
+    again = FakeTranslator(fail_on="FAIL")
+    second, out2 = run(tmp_path, rows, [again], max_failure_fraction=0.05)
+    assert out2 == out1 and again.calls == []  # cached failures are not resent
+    assert second["cache_hits"] == 38 and second["cached_failures"] == 2
+    assert [d["id"] for d in second["failed_documents"]] == failed_ids
+    with pytest.raises(AugmentFailed, match="2 of 40 documents"):
+        run(tmp_path, rows, [FakeTranslator(fail_on="FAIL")], max_failure_fraction=0.04)
+    healed = FakeTranslator()  # the backend got fixed: retry_failed sends only the failed ones again
+    third, _ = run(tmp_path, rows, [healed], retry_failed=True)
+    assert healed.translated == [r["text"] for r in rows[-2:]] and third["documents_failed"] == 0
+    fourth, _ = run(tmp_path, rows, [FakeTranslator(fail_on="FAIL")])  # and their translations now are cached
+    assert fourth["cache_hits"] == 40 and fourth["documents_failed"] == 0
+
+
+def test_batch_size_is_part_of_the_cache_key(tmp_path):
+    rows = [doc(i) for i in range(6)]
+    run(tmp_path, rows, [FakeTranslator()], batch_size=4)
+    same = FakeTranslator()
+    run(tmp_path, rows, [same], batch_size=4)
+    other = FakeTranslator()
+    metrics, _ = run(tmp_path, rows, [other], batch_size=2)  # apertium translates differently in other batches
+    assert same.calls == [] and len(other.translated) == 6 and metrics["cache_hits"] == 0
 
 
 def test_backtranslate_chains_two_cached_steps(tmp_path):
@@ -180,9 +220,35 @@ def test_backtranslate_chains_two_cached_steps(tmp_path):
     added = [r for r in out if r["origin_id"]]
     assert [r["text"] for r in added] == [r["text"].lower() for r in rows]
     assert all(r["lang"] == "en" and r["mt_mode"] == "backtranslate" for r in added)
+    # both legs' models are recorded: the way there and the way back
+    assert {(r["mt_model"], r["mt_model_back"]) for r in added} == {("up", "down")}
+    assert [b["model"] for b in metrics["backends"]] == ["up", "down"]
     forward = FakeTranslator("up")
-    run(tmp_path, rows, [forward])  # translate mode reuses the cached forward step
+    _, translated = run(tmp_path, rows, [forward])  # translate mode reuses the cached forward step
     assert forward.calls == []
+    assert all(r["mt_model_back"] is None for r in translated if r["origin_id"])
+    assert not {r["id"] for r in added} & {r["id"] for r in translated}
+
+
+SPANISH = "La casa es muy grande y mi hermano lee un libro en el jardín todos los días de la semana."
+INDONESIAN = "Rumah itu sangat besar dan adik saya membaca buku di taman setiap hari dalam seminggu."
+ENGLISH = "The house is very big and my brother reads a book in the garden every day of the week."
+
+
+def test_untagged_documents_are_selected_by_detected_language(tmp_path):
+    """Rows tagged `en` only by default (source of unknown language): langid decides; other languages are
+    skipped and counted. The built-in corpus is known English and is not checked."""
+    rows = [doc(0, text=ENGLISH), doc(1, text=SPANISH), doc(2, text=INDONESIAN),
+            doc(3, text=f"{SPANISH}\n\n>>> print('code does not count')\n")]
+    trusted = doc(4, text=INDONESIAN + " Builtin.") | {"source": "builtin:python-docs/x"}
+    fake = FakeTranslator()
+    metrics, out = run(tmp_path, rows + [trusted], [fake], detect_lang=True)
+    assert fake.translated == [ENGLISH, trusted["text"]]
+    assert metrics["documents_selected"] == 5 and metrics["documents_skipped_lang"] == 3
+    assert metrics["skipped_lang_by_detected"] == {"es": 2, "id": 1} and metrics["documents_to_translate"] == 2
+    assert len(out) == 7
+    trusting, _ = run(tmp_path, rows, [FakeTranslator()], detect_lang=False)  # trust the tags
+    assert trusting["documents_to_translate"] == 4 and trusting["documents_skipped_lang"] == 0
 
 
 @pytest.mark.parametrize("override", [{"enabled": False}, {"backend": "none"}])
@@ -207,7 +273,8 @@ def test_disabled_copies_corpus_through(tmp_path, override):
         ({"tgt_lang": "en"}, "augment.tgt_lang"),
         ({"max_failure_fraction": 2.0}, "augment.max_failure_fraction"),
         ({"fraction": "1e-1"}, "augment.fraction"),
-        ({"backend": "marian"}, "augment.marian.model"),
+        ({"marian": {"model": ""}}, "augment.marian.model"),
+        ({"detect_lang": "yes"}, "augment.detect_lang"),
         ({"marian": {"model": "x", "num_beams": 0}}, "augment.marian.num_beams"),
         ({"marian": {"device": "gpu"}}, "augment.marian.device"),
         ({"backend": "marian", "mode": "backtranslate", "marian": {"model": "x"}}, "augment.mode"),

@@ -16,6 +16,7 @@ import pytest
 
 from gpt.augment import BackendUnavailable
 from gpt.augment import apertium as ap
+from gpt.augment.base import apt_packages
 from tests.project_params import write_params
 
 pytestmark = pytest.mark.skipif(
@@ -87,7 +88,7 @@ def test_separator_in_text_and_empty_texts(translator):
 
 def test_mangled_separator_falls_back_to_one_call_per_document(translator, monkeypatch):
     real_run = translator._run
-    monkeypatch.setattr(translator, "_run", lambda text: real_run(text).replace(ap.SEPARATOR, "", 1))
+    monkeypatch.setattr(translator, "_run", lambda text, prefix: real_run(text, prefix).replace(ap.SEPARATOR, "", 1))
     before = dict(translator.stats)
     out = translator.translate(DOCS[:3])
     assert translator.stats["batch_fallbacks"] == before["batch_fallbacks"] + 1
@@ -97,11 +98,65 @@ def test_mangled_separator_falls_back_to_one_call_per_document(translator, monke
 
 
 def test_missing_program_or_pair_says_what_to_install(monkeypatch):
-    with pytest.raises(BackendUnavailable, match=r"apt-get install apertium apertium-eng-xyz.*augment\.enabled: false"):
+    with pytest.raises(BackendUnavailable, match=r"apertium-eng-xyz.*augment\.enabled: false"):
         ap.ApertiumTranslator("eng-xyz")
     monkeypatch.setattr(ap.shutil, "which", lambda name: None)
-    with pytest.raises(BackendUnavailable, match=r"not installed.*apt-get install apertium apertium-eng-spa"):
+    with pytest.raises(BackendUnavailable, match=r"not installed.*apertium-eng-spa"):
         ap.ApertiumTranslator("eng-spa")
+
+
+@pytest.mark.skipif("apertium" not in (apt_packages("apertium") or ()), reason="needs apt package lists (apt-get update)")
+def test_install_hints_name_packages_debian_has():
+    """Debian has no apertium-eng-ind (English-Indonesian has no apertium pair): the hint must not invent one."""
+    hint = ap.package_hint("eng-ind")
+    assert "apt-get install" not in hint and "no package" in hint
+    assert ap.package_hint("spa-eng") == "install it with `sudo apt-get install apertium-eng-spa`"  # reverse order
+    assert ap.package_hint("eng-glg").startswith("install it with `sudo apt-get install apertium-")
+    with pytest.raises(BackendUnavailable) as err:
+        ap.ApertiumTranslator("eng-ind")
+    assert "apt-get install apertium-eng-ind" not in str(err.value) and "dictionary" in str(err.value)
+
+
+MIXED = """The `name` attribute holds the full dotted name, and ``strict`` is checked by :func:`os.path.join`::
+
+>>> from ftplib import FTP
+>>> ftp = FTP('ftp.us.debian.org')  # connect to host, default port
+>>> print(ftp.login())
+'230 Login successful.'
+
+My brother reads a book in the garden. Call `open(path, "w")` to write the file.
+
+   async def func(param1, param2):
+       await some_coroutine()  # the house is big
+
+```python
+for line in open("file.txt"):
+    print(line)  # where is the train station?
+```
+
+    if x < y and [z] ^ w["$"]:
+        return {"a": 1}
+
+The house is very big.
+"""
+
+
+def test_code_is_kept_byte_identical_and_prose_translated(translator):
+    from gpt.augment.protect import split_code
+
+    out = translator.translate([MIXED, "The dog sleeps."])
+    code = [s.text for s in split_code(MIXED) if s.is_code]
+    assert len(code) == 8
+    pos = 0
+    for span in code:  # every code span, in order, byte for byte
+        found = out[0].find(span, pos)
+        assert found >= 0, span
+        pos = found + len(span)
+    assert "La casa es muy grande." in out[0] and "libro" in out[0] and "jardín" in out[0]
+    assert "The house" not in out[0] and out[1] == "Los sueños de perro."
+    assert translator.translate(["Use `x = a[i]` here."])[0] == "Uso `x = a[i]` aquí."
+    lines = [line for line in MIXED.splitlines() if line.startswith(">>>")]
+    assert all(line in out[0].splitlines() for line in lines)
 
 
 def test_stage_end_to_end(tmp_path):

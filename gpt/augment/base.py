@@ -8,6 +8,8 @@ installed, model missing) — then the stage stops with a message saying what to
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
@@ -53,3 +55,27 @@ class IdentityTranslator:
 
     def translate(self, texts: Sequence[str]) -> list[str]:
         return list(texts)
+
+
+def apt_packages(prefix: str) -> frozenset[str] | None:
+    """The package names apt knows that start with `prefix` (one `apt-cache pkgnames` call); None without apt."""
+    if shutil.which("apt-cache") is None:
+        return None
+    try:
+        res = subprocess.run(["apt-cache", "pkgnames", prefix], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return frozenset(res.stdout.split()) if res.returncode == 0 else None
+
+
+def install_hint(candidates: Sequence[str], what: str, prefix: str) -> str:
+    """`install it with sudo apt-get install <the first candidate apt knows>`, or a sentence saying Debian has
+    none of them (so a hint never names a package that does not exist)."""
+    known = apt_packages(prefix)
+    if known is None:  # no apt here: name the usual Debian package, unverified
+        return f"install {what} (on Debian/Ubuntu the package would be named like {candidates[0]})"
+    found = [name for name in candidates if name in known]
+    if found:
+        return f"install it with `sudo apt-get install {found[0]}`"
+    return (f"Debian/Ubuntu have no package for {what} (none of {', '.join(candidates)} exists; `apt-cache search "
+            f"{prefix.rstrip('-')}` lists what does, after `sudo apt-get update`)")

@@ -1,4 +1,4 @@
-"""Persistent translation cache: (backend, model/direction, backend version, source-text hash) → translation.
+"""Persistent translation cache: (backend, model/direction, version + batching, source-text hash) → translation.
 
 Why SQLite in its own directory (`paths.translation_cache`) instead of a DVC output:
 - DVC deletes a stage's outputs before re-running it, so a cache declared as an output would be gone exactly
@@ -10,7 +10,9 @@ Why SQLite in its own directory (`paths.translation_cache`) instead of a DVC out
   use by several processes, with no extra dependency. One row per translated text; keys are SHA-256 digests.
 The directory gets a `.gitignore` of `*` so it never lands in git; delete the directory to start afresh.
 Cache entries never change pipeline outputs: a translation is looked up only under the exact backend, model,
-direction and version that would produce it again.
+direction, version and batching that would produce it again. Failures are cached too (table `failures`), so a
+rerun on the same data and params gives the same corpus and the same failure count instead of retrying them;
+`augment.retry_failed: true` sends them to the backend again.
 """
 
 from __future__ import annotations
@@ -45,25 +47,39 @@ class TranslationCache:
         self.path = self.directory / CACHE_FILE
         self._db = sqlite3.connect(self.path, timeout=60.0)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS translations ("
-            " key TEXT PRIMARY KEY, backend TEXT NOT NULL, model TEXT NOT NULL, translation TEXT NOT NULL)"
-        )
+        for table, value in (("translations", "translation"), ("failures", "reason")):
+            self._db.execute(
+                f"CREATE TABLE IF NOT EXISTS {table} ("
+                f" key TEXT PRIMARY KEY, backend TEXT NOT NULL, model TEXT NOT NULL, {value} TEXT NOT NULL)"
+            )
         self._db.commit()
 
-    def get_many(self, keys: Sequence[str]) -> dict[str, str]:
+    def _get(self, table: str, value: str, keys: Sequence[str]) -> dict[str, str]:
         found: dict[str, str] = {}
         for start in range(0, len(keys), 500):  # stay under SQLite's bound-parameter limit
             chunk = list(keys[start : start + 500])
             marks = ",".join("?" * len(chunk))
-            rows = self._db.execute(f"SELECT key, translation FROM translations WHERE key IN ({marks})", chunk)
+            rows = self._db.execute(f"SELECT key, {value} FROM {table} WHERE key IN ({marks})", chunk)
             found.update(rows.fetchall())
         return found
 
-    def put_many(self, entries: Iterable[tuple[str, str, str, str]]) -> None:
-        """Insert (key, backend, model, translation) rows in one transaction (all or nothing)."""
+    def get_many(self, keys: Sequence[str]) -> dict[str, str]:
+        """key → translation, for the keys that have one."""
+        return self._get("translations", "translation", keys)
+
+    def get_failures(self, keys: Sequence[str]) -> dict[str, str]:
+        """key → failure reason, for the keys whose translation failed before (and has not succeeded since)."""
+        return self._get("failures", "reason", keys)
+
+    def put_many(self, entries: Iterable[tuple[str, str, str, str]],
+                 failures: Iterable[tuple[str, str, str, str]] = ()) -> None:
+        """Insert (key, backend, model, translation) rows and (key, backend, model, reason) failures in one
+        transaction (all or nothing); a translation clears an earlier failure of the same key."""
+        entries = list(entries)
         with self._db:
             self._db.executemany("INSERT OR REPLACE INTO translations VALUES (?, ?, ?, ?)", entries)
+            self._db.executemany("DELETE FROM failures WHERE key = ?", [(e[0],) for e in entries])
+            self._db.executemany("INSERT OR REPLACE INTO failures VALUES (?, ?, ?, ?)", failures)
 
     def __len__(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM translations").fetchone()[0]

@@ -20,7 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpt.augment.base import BackendUnavailable
+from gpt.augment.base import BackendUnavailable, install_hint
+from gpt.augment.protect import translate_prose
 from gpt.config import ConfigError
 
 B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
@@ -66,9 +67,10 @@ def load_dictd(path: str | Path) -> dict[str, str]:
         if path.with_name(path.name + suffix).is_file():
             data_file = path.with_name(path.name + suffix)
     if not index.is_file() or data_file is None:
+        hint = install_hint([f"dict-{path.name}"], f"the dictionary {path.name}", "dict-")
         raise BackendUnavailable(
-            f"augment: dictd dictionary {path}.index/.dict(.dz) not found; install one (e.g. "
-            "`sudo apt-get install dict-freedict-eng-ind`), set augment.dictionary.path, or set augment.enabled: false"
+            f"augment: dictd dictionary {path}.index/.dict(.dz) not found; {hint}, set augment.dictionary.path, "
+            "or set augment.enabled: false"
         )
     raw = data_file.read_bytes()
     if data_file.suffix == ".dz":
@@ -95,10 +97,11 @@ class DictionaryTranslator:
     def __init__(self, path: str | Path):
         self.table = load_dictd(path)
         self.model = Path(path).name
-        self.version = f"1:{len(self.table)}"
+        self.version = f"1:{len(self.table)}:code kept"
 
     def translate(self, texts: Sequence[str]) -> list[str]:
-        return [self._substitute(text) for text in texts]
+        """Substitute words in the prose only; code (protect.py) is copied."""
+        return translate_prose(texts, lambda pieces: [self._substitute(p) for p in pieces])
 
     def _substitute(self, text: str) -> str:
         tokens = _TOKEN.findall(text)

@@ -7,7 +7,13 @@ downloaded `Helsinki-NLP/opus-mt-en-id`), or a hub name; a hub name is only fetc
 
 Documents longer than the model's input limit are split at paragraph, then sentence, then word boundaries into
 segments that fit; all segments of a batch of documents are translated together (sorted by length, so padding
-stays small), and joined back: sentences with a space, paragraphs with the original blank lines.
+stays small), and joined back: sentences with a space, paragraphs with the original blank lines. Code is cut
+out first (protect.py) and copied; a neural model cannot be trusted to carry a placeholder through a sentence,
+so the prose on each side of an inline code span is translated as its own piece.
+
+Cached translations are keyed on a SHA-256 of every file of the model directory (weights included: retraining
+that keeps the file names and sizes must not serve the old model's translations), and on the generation
+settings. Hashing reads the weights once per run (~1 s per GB).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpt.augment.base import BackendUnavailable, TranslationError
+from gpt.augment.protect import translate_prose
 from gpt.config import ConfigError
 
 _PARAGRAPHS = re.compile(r"(\n\s*\n)")
@@ -29,7 +36,7 @@ _SENTENCES = re.compile(r"(?<=[.!?。])\s+")
 class MarianConfig:
     """`augment.marian`: model dir or hub name; generation settings (part of the cache key)."""
 
-    model: str | None = None
+    model: str = "models/translation"  # a directory (save_pretrained layout), or a hub name outside DVC
     allow_download: bool = False
     device: str = "auto"  # auto = cuda when available, else cpu
     num_beams: int = 1
@@ -37,6 +44,8 @@ class MarianConfig:
     segments_per_batch: int = 16
 
     def __post_init__(self):
+        if not self.model:
+            raise ConfigError("augment.marian.model: empty; give a local model directory (or a hub name)")
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise ConfigError(f"augment.marian.device: {self.device!r}; allowed: auto, cpu, cuda, cuda:N, mps")
         if self.num_beams < 1:
@@ -47,18 +56,30 @@ class MarianConfig:
             raise ConfigError(f"augment.marian.segments_per_batch: must be >= 1, got {self.segments_per_batch}")
 
 
-def _fingerprint(model: str) -> str:
-    """Identify a local model by its config and weight-file sizes (hashing GBs of weights would be slow)."""
+def content_hash(directory: Path) -> str:
+    """SHA-256 over every file under `directory` (relative path + contents, in sorted order)."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in directory.rglob("*") if p.is_file()):
+        name = f.relative_to(directory).as_posix().encode()
+        h.update(len(name).to_bytes(8, "little") + name + f.stat().st_size.to_bytes(8, "little"))
+        with f.open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _fingerprint(model: str, local_only: bool) -> str:
+    """The content hash of the model's files: a local directory, or a hub model's snapshot in the local cache."""
     path = Path(model)
     if not path.is_dir():
-        return model
-    h = hashlib.sha256()
-    for f in sorted(path.iterdir()):
-        if f.is_file():
-            h.update(f.name.encode() + str(f.stat().st_size).encode())
-            if f.suffix == ".json":
-                h.update(f.read_bytes())
-    return h.hexdigest()[:16]
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(model, local_files_only=local_only))
+        except Exception as err:  # loading already succeeded, so this only happens for unusual hub setups
+            raise BackendUnavailable(f"augment.marian.model: cannot find the files of {model!r} to fingerprint "
+                                     f"them ({err}); download it to a local directory and name that") from err
+    return content_hash(path)
 
 
 class MarianTranslator:
@@ -68,8 +89,6 @@ class MarianTranslator:
     parallel = False
 
     def __init__(self, cfg: MarianConfig):
-        if not cfg.model:
-            raise BackendUnavailable("augment.marian.model: set it to a local model directory (or a hub name)")
         try:
             import torch
             from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
@@ -81,10 +100,11 @@ class MarianTranslator:
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(cfg.model, **kwargs)
             self.net = AutoModelForSeq2SeqLM.from_pretrained(cfg.model, **kwargs)
-        except OSError as err:
+        except (OSError, ValueError) as err:  # no or unrecognised model files
             raise BackendUnavailable(
-                f"augment.marian.model: cannot load {cfg.model!r} ({err}); give a local directory "
-                "(save_pretrained layout) or set augment.marian.allow_download: true to fetch a hub model") from err
+                f"augment.marian.model: cannot load {cfg.model!r} ({str(err).splitlines()[0]}); put a model there "
+                "(save_pretrained layout, see models/translation/README.md), name another directory, or set "
+                "augment.marian.allow_download: true to fetch a hub model") from err
         device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         self.device = device
         self.net.to(device).eval()
@@ -93,7 +113,8 @@ class MarianTranslator:
         limit = cfg.max_input_tokens or min(getattr(self.tokenizer, "model_max_length", 512) or 512, 512)
         self.max_tokens = min(limit, getattr(self.net.config, "max_position_embeddings", limit) or limit)
         self.model = cfg.model
-        self.version = f"{_fingerprint(cfg.model)}:beams={cfg.num_beams}:max={self.max_tokens}"
+        fingerprint = _fingerprint(cfg.model, kwargs["local_files_only"])
+        self.version = f"{fingerprint}:beams={cfg.num_beams}:max={self.max_tokens}:code kept"
 
     def _max_new_tokens(self, input_tokens: int) -> int:
         """Room for a translation ~1.5x the input, within the decoder's position limit."""
@@ -125,6 +146,9 @@ class MarianTranslator:
         return segments
 
     def translate(self, texts: Sequence[str]) -> list[str]:
+        return translate_prose(texts, self._translate_prose)
+
+    def _translate_prose(self, texts: Sequence[str]) -> list[str]:
         layout = []  # per document: list of (separator, [segment indices]) per paragraph
         segments: list[str] = []
         for text in texts:

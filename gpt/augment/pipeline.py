@@ -8,12 +8,19 @@ Guarantees:
 - Selection is deterministic: a document is chosen when its language is in `select_langs` and
   sha256(seed, id) falls below `fraction` — the same documents on every machine and run, and adding documents
   never changes which of the old ones are chosen.
+- Language: unless the source's language is known (the built-in Python docs are English), each selected
+  document's language is detected with langid (offline, on its prose) and a document not in `src_lang` is
+  skipped and counted (`documents_skipped_lang`): a Spanish text sent through eng→spa comes back a near-copy.
+- Code is never translated: doctest, fenced and indented code and inline backtick spans come back byte for
+  byte (protect.py; each backend translates only the prose around them).
 - A batch that fails is retried `retries` times, then its documents are retried one by one; a document that
-  still fails is kept untranslated and counted by reason. The stage fails when the failed fraction of the
-  documents sent to the backend exceeds `max_failure_fraction`, or at once when the backend is unusable.
-- Translations go through the persistent cache (cache.py), so a re-run translates only documents it has not
-  seen. The cache key is (backend, model + direction, backend version, text): backtranslation is two cached
-  translation steps, so switching `mode` reuses the forward step instead of keying the whole chain by mode.
+  still fails is kept untranslated and counted by reason and listed by id (`failed_documents`). The stage fails
+  when the failed fraction of all documents to translate (cache hits and cached failures included, so a rerun
+  decides the same) exceeds `max_failure_fraction`, or at once when the backend is unusable.
+- Translations and failures go through the persistent cache (cache.py), so a re-run translates only documents
+  it has not seen. The cache key is (backend, model + direction, backend version + batch_size + max_chars,
+  text) — batching changes apertium's output (see apertium.py). Backtranslation is two cached translation
+  steps, so switching `mode` reuses the forward step instead of keying the whole chain by mode.
 """
 
 from __future__ import annotations
@@ -34,24 +41,29 @@ from typing import Any, Literal
 import pyarrow as pa
 from tqdm import tqdm
 
-from gpt.augment.apertium import ApertiumConfig, ApertiumTranslator, pair_for
+from gpt.augment.apertium import ISO3, ApertiumConfig, ApertiumTranslator, pair_for
 from gpt.augment.base import BackendUnavailable, IdentityTranslator, TranslationError, Translator
 from gpt.augment.cache import TranslationCache, text_key
 from gpt.augment.dictionary import DEFAULT_DIR, DictionaryConfig, DictionaryTranslator
 from gpt.augment.marian import MarianConfig, MarianTranslator
+from gpt.augment.protect import split_code
 from gpt.config import ConfigError
+from gpt.data.builtin import SOURCE_PREFIX
 from gpt.data.corpus import CORPUS_SCHEMA, CorpusWriter, read_corpus
 from gpt.errors import GptError
 
 log = logging.getLogger(__name__)
 
-PROVENANCE = ("origin_id", "src_lang", "tgt_lang", "mt_backend", "mt_model", "mt_mode")
+# mt_model is the (first) model that translated the row; mt_model_back the model of the way back (backtranslate)
+PROVENANCE = ("origin_id", "src_lang", "tgt_lang", "mt_backend", "mt_model", "mt_mode", "mt_model_back")
 AUGMENTED_SCHEMA = pa.schema(list(CORPUS_SCHEMA) + [pa.field(name, pa.string(), nullable=True) for name in PROVENANCE])
 WINDOW_DOCS = 4096  # selected documents gathered before translating, so all workers stay busy
+DETECT_CHARS = 2000  # prose characters langid reads per document (more changes no decision on the default corpus)
+KNOWN_LANGUAGE_SOURCES = (SOURCE_PREFIX,)  # sources whose rows are tagged with their true language
 
 
 class AugmentFailed(GptError, RuntimeError):
-    """Too many documents failed to translate (see the message for counts by reason)."""
+    """Too many documents failed to translate (the message gives counts by reason and the failed ids)."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +83,8 @@ class AugmentConfig:
     workers: int | None = None  # parallel requests for backends that allow it; null = CPU cores
     retries: int = 2
     max_failure_fraction: float = 0.05
+    retry_failed: bool = False  # send documents whose translation failed in an earlier run to the backend again
+    detect_lang: bool = True  # check each selected document's language with langid (unless its source is known)
     apertium: ApertiumConfig = field(default_factory=ApertiumConfig)
     marian: MarianConfig = field(default_factory=MarianConfig)
     dictionary: DictionaryConfig = field(default_factory=DictionaryConfig)
@@ -89,8 +103,6 @@ class AugmentConfig:
             raise ConfigError(f"augment.retries: must be >= 0, got {self.retries}")
         if not 0.0 <= self.max_failure_fraction <= 1.0:
             raise ConfigError(f"augment.max_failure_fraction: must be in [0, 1], got {self.max_failure_fraction}")
-        if self.enabled and self.backend == "marian" and not self.marian.model:
-            raise ConfigError("augment.marian.model: required for backend marian (a local model dir or hub name)")
         if self.backend == "marian" and self.mode == "backtranslate":
             raise ConfigError("augment.mode: backtranslate needs two directions; the marian backend loads one model "
                               "(one direction), so use mode: translate")
@@ -120,7 +132,7 @@ def make_translator(cfg: AugmentConfig, src: str, tgt: str) -> Translator:
             pair = cfg.apertium.pair if pair == forward else "-".join(reversed(cfg.apertium.pair.split("-", 1)))
         return ApertiumTranslator(pair, cfg.apertium.timeout_s)
     if cfg.backend == "dictionary":
-        path = cfg.dictionary.path or str(DEFAULT_DIR / f"freedict-{pair_for(src, tgt)}")
+        path = cfg.dictionary.path or str(DEFAULT_DIR / f"freedict-{ISO3.get(src, src)}-{ISO3.get(tgt, tgt)}")
         if (src, tgt) != (cfg.src_lang, cfg.tgt_lang) and cfg.dictionary.path:
             raise ConfigError("augment.mode: backtranslate with a dictionary needs the reverse dictionary; "
                               "leave augment.dictionary.path null so freedict-<tgt>-<src> is used")
@@ -136,9 +148,11 @@ def is_selected(doc_id: str, fraction: float, seed: int) -> bool:
     return int.from_bytes(digest[:8], "big") < fraction * 2**64
 
 
-def translated_id(origin_id: str, translator: Translator, mode: str, lang: str) -> str:
+def translated_id(origin_id: str, steps: Sequence[Translator], mode: str, lang: str) -> str:
     """Stable id of a translated row: derived from its origin and provenance, not its (backend-dependent) text."""
-    return hashlib.sha256(f"{origin_id}\0{translator.name}\0{translator.model}\0{mode}\0{lang}".encode()).hexdigest()
+    models = "\0".join(t.model for t in steps[1:])  # empty for translate: the ids of translate rows never changed
+    key = f"{origin_id}\0{steps[0].name}\0{steps[0].model}\0{mode}\0{lang}" + (f"\0{models}" if models else "")
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def _text_hash(text: str) -> bytes:
@@ -200,13 +214,18 @@ class AugmentStats:
     documents_in: int = 0
     documents_val: int = 0
     documents_eligible: int = 0  # train documents in a selected language
-    documents_selected: int = 0
-    documents_sent: int = 0  # selected documents that needed the backend (not fully cached)
+    documents_selected: int = 0  # chosen by hash among the eligible
+    documents_skipped_lang: int = 0  # selected, but langid found them not in src_lang
+    skipped_lang_by_detected: Counter = field(default_factory=Counter)
+    documents_to_translate: int = 0  # selected and in src_lang: the failure threshold's denominator
+    documents_sent: int = 0  # documents to translate that needed the backend (not fully cached)
     documents_translated: int = 0
     documents_failed: int = 0
     failures_by_reason: Counter = field(default_factory=Counter)
+    failed_documents: list = field(default_factory=list)  # [{"id", "reason"}] in corpus order
     dropped_val_collision: int = 0
-    cache_hits: int = 0
+    cache_hits: int = 0  # translations served from the cache
+    cached_failures: int = 0  # failures served from the cache (not retried; see augment.retry_failed)
     cache_misses: int = 0
     backend_requests: int = 0
     backend_chars: int = 0  # characters sent to the backend
@@ -223,12 +242,18 @@ class _Step:
         self.translator, self.cache, self.cfg, self.stats, self.pool, self.bar = translator, cache, cfg, stats, pool, bar
 
     def run(self, texts: list[str]) -> tuple[list[tuple[str | None, str | None]], list[bool]]:
-        tr = self.translator
-        keys = [text_key(tr.name, tr.model, tr.version, text) for text in texts]
+        tr, cfg = self.translator, self.cfg
+        version = f"{tr.version}|batch_size={cfg.batch_size}|max_chars={cfg.max_chars}"  # batching changes output
+        keys = [text_key(tr.name, tr.model, version, text) for text in texts]
         unique = list(dict.fromkeys(keys))
-        results = {k: (v, None) for k, v in self.cache.get_many(unique).items()}
+        results: dict[str, tuple[str | None, str | None]] = {k: (v, None) for k, v in self.cache.get_many(unique).items()}
+        hits = sum(k in results for k in keys)
+        if not cfg.retry_failed:
+            failed = {k: r for k, r in self.cache.get_failures(unique).items() if k not in results}
+            results.update((k, (None, r)) for k, r in failed.items())
+            self.stats.cached_failures += sum(k in failed for k in keys)
         hit = [k in results for k in keys]
-        self.stats.cache_hits += sum(hit)
+        self.stats.cache_hits += hits
         self.stats.cache_misses += len(texts) - sum(hit)
         first = {k: i for i, k in reversed(list(enumerate(keys)))}
         todo = [k for k in unique if k not in results]
@@ -242,12 +267,14 @@ class _Step:
 
         parallel = self.pool is not None and tr.parallel
         for group, outs in zip(groups, self.pool.map(work, groups) if parallel else map(work, groups)):
-            entries = []
+            entries, failures = [], []
             for i, (out, reason) in zip(group, outs):
                 results[todo[i]] = (out, reason)
                 if out is not None:
                     entries.append((todo[i], tr.name, tr.model, out))
-            self.cache.put_many(entries)  # committed per request: an interrupted run keeps what it translated
+                else:
+                    failures.append((todo[i], tr.name, tr.model, reason))
+            self.cache.put_many(entries, failures)  # committed per request: an interrupted run keeps its work
             self.bar.update(len(group))
         self.stats.backend_requests += len(groups)
         self.stats.backend_chars += sum(map(len, todo_texts))
@@ -270,12 +297,14 @@ def _translate_window(rows: list[dict[str, Any]], steps: list[_Step], cfg: Augme
             if reason is not None:
                 reasons[i] = reason if n == 0 else f"back_{reason}"
     stats.documents_sent += sum(sent)
-    tr = steps[0].translator
+    translators = [step.translator for step in steps]
+    tr, back = translators[0], (translators[1].model if len(translators) > 1 else None)
     added = []
     for row, text, reason in zip(rows, texts, reasons):
         if text is None:
             stats.documents_failed += 1
             stats.failures_by_reason[reason or "unknown"] += 1
+            stats.failed_documents.append({"id": row["id"], "reason": reason or "unknown"})
             continue
         if _text_hash(text) in val_hashes:
             stats.dropped_val_collision += 1
@@ -283,9 +312,10 @@ def _translate_window(rows: list[dict[str, Any]], steps: list[_Step], cfg: Augme
         stats.documents_translated += 1
         stats.chars_out += len(text)
         added.append({
-            "id": translated_id(row["id"], tr, cfg.mode, cfg.output_lang), "text": text, "source": row["source"],
-            "lang": cfg.output_lang, "split": "train", "origin_id": row["id"], "src_lang": cfg.src_lang,
-            "tgt_lang": cfg.tgt_lang, "mt_backend": tr.name, "mt_model": tr.model, "mt_mode": cfg.mode,
+            "id": translated_id(row["id"], translators, cfg.mode, cfg.output_lang), "text": text,
+            "source": row["source"], "lang": cfg.output_lang, "split": "train", "origin_id": row["id"],
+            "src_lang": cfg.src_lang, "tgt_lang": cfg.tgt_lang, "mt_backend": tr.name, "mt_model": tr.model,
+            "mt_mode": cfg.mode, "mt_model_back": back,
         })
     return added
 
@@ -314,6 +344,29 @@ def _scan(cleaned: Path, cfg: AugmentConfig) -> tuple[set[bytes], int]:
     return val_hashes, selected
 
 
+class LanguageDetector:
+    """langid on a document's prose (code cut out, first DETECT_CHARS characters); its model ships inside the
+    package (no download) and is loaded on first use, so a corpus of known-language sources never pays for it."""
+
+    def __init__(self):
+        self._identifier = None
+
+    def __call__(self, text: str) -> str:
+        if self._identifier is None:
+            try:
+                from langid.langid import LanguageIdentifier, model
+            except ImportError as err:
+                raise GptError("augment.detect_lang: needs the `langid` package (`pip install -e '.[pipeline]'`), "
+                               "or set augment.detect_lang: false to trust the corpus `lang` tags") from err
+            self._identifier = LanguageIdentifier.from_modelstring(model, norm_probs=False)
+        prose = " ".join(seg.text for seg in split_code(text[: 4 * DETECT_CHARS]) if not seg.is_code)
+        return self._identifier.classify(prose[:DETECT_CHARS] or text[:DETECT_CHARS])[0]
+
+
+def _needs_detection(cfg: AugmentConfig, source: str) -> bool:
+    return cfg.detect_lang and not source.startswith(KNOWN_LANGUAGE_SOURCES)
+
+
 def build_translators(cfg: AugmentConfig) -> list[Translator]:
     """The translation steps: [forward] for translate, [forward, backward] for backtranslate."""
     steps = [make_translator(cfg, cfg.src_lang, cfg.tgt_lang)]
@@ -327,8 +380,8 @@ def augment_corpus(cfg: AugmentConfig, cleaned: str | Path, augmented: str | Pat
     """Write `augmented` = every row of `cleaned` + translated copies of the selected train documents.
 
     `translators` overrides the configured backend (one per step; tests pass fakes). Returns the metrics dict.
-    Raises BackendUnavailable before any work when the backend cannot run, AugmentFailed (leaving the previous
-    output in place) when too many documents failed.
+    Raises BackendUnavailable before any work when the backend cannot run, AugmentFailed (without writing
+    `augmented`) when too many documents failed.
     """
     start = time.perf_counter()
     cleaned = Path(cleaned)
@@ -343,6 +396,7 @@ def augment_corpus(cfg: AugmentConfig, cleaned: str | Path, augmented: str | Pat
     val_hashes, total = _scan(cleaned, cfg)
     langs = set(cfg.select_langs or [cfg.src_lang])
     workers = cfg.num_workers if any(t.parallel for t in steps) else 1
+    detect = LanguageDetector()
     with (TranslationCache(cache_dir) as cache, CorpusWriter(augmented, schema=AUGMENTED_SCHEMA) as writer,
           ThreadPoolExecutor(max_workers=workers) as pool,
           tqdm(total=total * len(steps), desc=f"augment ({steps[0].name})", unit="doc", disable=not progress) as bar):
@@ -358,35 +412,51 @@ def augment_corpus(cfg: AugmentConfig, cleaned: str | Path, augmented: str | Pat
                 if row["lang"] not in langs:
                     continue
                 stats.documents_eligible += 1
-                if is_selected(row["id"], cfg.fraction, cfg.seed):
-                    stats.documents_selected += 1
-                    stats.chars_selected += len(row["text"])
-                    pending.append(row)
+                if not is_selected(row["id"], cfg.fraction, cfg.seed):
+                    continue
+                stats.documents_selected += 1
+                if _needs_detection(cfg, row["source"]) and (lang := detect(row["text"])) != cfg.src_lang:
+                    stats.documents_skipped_lang += 1
+                    stats.skipped_lang_by_detected[lang] += 1
+                    continue
+                stats.documents_to_translate += 1
+                stats.chars_selected += len(row["text"])
+                pending.append(row)
             if len(pending) >= WINDOW_DOCS:
                 writer.write(_translate_window(pending, runners, cfg, val_hashes, stats))
                 pending = []
         if pending:
             writer.write(_translate_window(pending, runners, cfg, val_hashes, stats))
-        _check_failures(cfg, stats, cleaned)
+        _check_failures(cfg, stats, cleaned, Path(augmented))
     return _metrics(cfg, stats, steps, time.perf_counter() - start, workers)
 
 
-def _check_failures(cfg: AugmentConfig, stats: AugmentStats, cleaned: Path) -> None:
-    if stats.documents_failed:
-        log.warning("augment: %d of %d documents from %s were not translated (kept untranslated): %s",
-                    stats.documents_failed, stats.documents_sent, cleaned, dict(stats.failures_by_reason))
-    if stats.documents_sent and stats.documents_failed / stats.documents_sent > cfg.max_failure_fraction:
-        raise AugmentFailed(
-            f"augment: {stats.documents_failed} of {stats.documents_sent} documents failed to translate "
-            f"({dict(stats.failures_by_reason)}), more than augment.max_failure_fraction="
-            f"{cfg.max_failure_fraction}; the previous output is kept and successful translations are cached"
-        )
+def _check_failures(cfg: AugmentConfig, stats: AugmentStats, cleaned: Path, augmented: Path) -> None:
+    """Judge failures over every document to translate, cached ones included, so a rerun decides the same."""
+    if not stats.documents_failed:
+        return
+    ids = [f"{d['id']} ({d['reason']})" for d in stats.failed_documents]
+    shown = ", ".join(ids[:10]) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
+    counts = (f"{stats.documents_failed} of {stats.documents_to_translate} documents from {cleaned} failed to "
+              f"translate ({dict(sorted(stats.failures_by_reason.items()))}): {shown}")
+    if stats.documents_failed / stats.documents_to_translate <= cfg.max_failure_fraction:
+        log.warning("augment: %s; they are kept untranslated (metrics: failed_documents)", counts)
+        return
+    earlier = "" if cfg.retry_failed or not stats.cached_failures else (
+        f" {stats.cached_failures} of them failed in an earlier run and were not retried (augment.retry_failed: true "
+        "retries them).")
+    raise AugmentFailed(
+        f"augment: {counts} — more than augment.max_failure_fraction={cfg.max_failure_fraction} allows, so "
+        f"{augmented} was not written.{earlier} Raise augment.max_failure_fraction to keep them untranslated, or "
+        "fix the backend; the translations that worked are cached"
+    )
 
 
 def _metrics(cfg: AugmentConfig, stats: AugmentStats, steps: list[Translator], elapsed: float,
              workers: int = 1) -> dict[str, Any]:
     metrics = dataclasses.asdict(stats)
     metrics["failures_by_reason"] = dict(sorted(stats.failures_by_reason.items()))
+    metrics["skipped_lang_by_detected"] = dict(sorted(stats.skipped_lang_by_detected.items()))
     metrics["documents_out"] = stats.documents_in + stats.documents_translated
     metrics["backend_seconds"] = round(stats.backend_seconds, 3)
     metrics["backend_chars_per_s"] = round(stats.backend_chars / stats.backend_seconds, 1) if stats.backend_seconds else None
@@ -394,7 +464,8 @@ def _metrics(cfg: AugmentConfig, stats: AugmentStats, steps: list[Translator], e
     lookups = stats.cache_hits + stats.cache_misses
     metrics["cache_hit_rate"] = round(stats.cache_hits / lookups, 4) if lookups else None
     metrics["config"] = {"enabled": cfg.enabled, "backend": cfg.backend, "mode": cfg.mode, "src_lang": cfg.src_lang,
-                         "tgt_lang": cfg.tgt_lang, "fraction": cfg.fraction, "workers": workers}
+                         "tgt_lang": cfg.tgt_lang, "fraction": cfg.fraction, "workers": workers,
+                         "batch_size": cfg.batch_size, "detect_lang": cfg.detect_lang}
     metrics["backends"] = [{"name": t.name, "model": t.model, "version": t.version,
                             **({"stats": dict(t.stats)} if hasattr(t, "stats") else {})} for t in steps]
     return metrics
