@@ -30,6 +30,7 @@ import torch
 
 from bench.common import write_section
 from gpt.hf import to_hf_gpt2
+from gpt.inference import prepare_for_inference
 from gpt.model import DecoderOnlyTransformer, ModelConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -86,6 +87,7 @@ def bench_one(preset: str, dtype_name: str, args) -> dict:
     config = ModelConfig.from_preset(preset, dropout=0.0)
     model = DecoderOnlyTransformer(config).eval().to(DTYPES[dtype_name])
     hf = to_hf_gpt2(model)
+    prepare_for_inference(model)  # as gpt.model_dir.load prepares it for `gpt generate` / `serve`
     ids = torch.randint(0, config.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(1))
     new = args.new_tokens
     ours_tokens = model.generate(ids, new, temperature=0)
@@ -111,10 +113,11 @@ def bench_one(preset: str, dtype_name: str, args) -> dict:
 
 NOTES = """Notes. Batch 1, greedy, 16-token prompt; both sides run the same weights (gpt.hf.to_hf_gpt2) and produce
 the same tokens. HF = transformers' GPT2LMHeadModel.generate with its own KV cache. "No cache" recomputes the
-whole sequence every step. Where ours gains: batch-1 decoding is memory-bound, and gpt/model/linear.py reads
-each weight with the fastest GEMV measured here (fp32: transposed contiguous copy + matmul, +25%; bf16: ATen's
-GEMV with oneDNN off, +22%); bf16 models keep their KV cache in fp32 on CPU (bf16 single-query attention is
-2-5x slower). The latency table should be flat in n: each step reads the weights once plus n cached keys."""
+whole sequence every step. Where ours gains: batch-1 decoding is memory-bound, and gpt.inference (applied when a
+model is loaded for generation) reads each weight with the fastest GEMV measured here (fp32: weights stored
+transposed, (in, out)-contiguous; bf16: torch.addmv instead of oneDNN); bf16 models keep their KV cache in fp32 on
+CPU (bf16 single-query attention is 2-5x slower). The latency table should be flat in n: each step reads the
+weights once plus n cached keys."""
 
 
 def markdown(rows: list[dict], info: dict) -> str:

@@ -52,7 +52,7 @@ def validation_loss(model, windows: torch.Tensor, precision: str, batch_size: in
     for i in range(0, len(windows), batch_size):
         w = windows[i:i + batch_size]
         with autocast(precision):
-            losses.append(model(w[:, :-1], targets=w[:, 1:])[1].float().item() * len(w))
+            losses.append(model(w[:, :-1], labels=w)[1].float().item() * len(w))
     model.train()
     return sum(losses) / len(windows)
 
@@ -76,7 +76,7 @@ def bench_preset(preset: str, train: TokenShards, val_windows: torch.Tensor, arg
             group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
         batch = train.get_batch(step, args.batch_size, args.seq_len, args.seed)
         with autocast(args.precision):
-            _, loss = model(batch[:, :-1], targets=batch[:, 1:])  # includes the MoE aux loss in training mode
+            _, loss = model(batch[:, :-1], labels=batch)  # includes the MoE aux loss in training mode
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

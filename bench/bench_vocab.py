@@ -26,7 +26,7 @@ def val_bits_per_byte(model, shards, seq_len: int) -> float:
     model.eval()
     with torch.no_grad():
         for window in shards.iter_windows(seq_len):
-            _, loss = model(window[None, :-1], targets=window[None, 1:])
+            _, loss = model(window[None, :-1], labels=window[None])
             nats += loss.item() * seq_len
             tokens += seq_len
     scored_bytes = shards.num_bytes * tokens / max(1, shards.num_tokens - 1)  # bytes of the predicted tokens
@@ -57,7 +57,7 @@ def run(vocab_size: int, corpus: Path, steps: int, batch: int, seq_len: int, lr:
             group["lr"] = lr * scale
         window = train.get_batch(step, batch, seq_len, seed=0)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            _, loss = model(window[:, :-1], targets=window[:, 1:])
+            _, loss = model(window[:, :-1], labels=window)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

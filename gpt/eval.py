@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from gpt.config import ConfigError
 from gpt.generate import GenerationInputError, SamplingSpec, generate_text, make_generator
+from gpt.model import next_token_loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +97,7 @@ def score_windows(model: nn.Module, windows, vocab_size: int, batch_size: int, d
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             logits, _ = model(inputs)
         logits = logits.float()
-        nats = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
+        nats = next_token_loss(logits, rows, reduction="sum")  # every position scored: rows are T + 1 long
         stats.nats += float(nats)
         stats.tokens += targets.numel()
         stats.correct += int((logits.argmax(-1) == targets).sum())

@@ -24,6 +24,7 @@ from gpt.eval import (
     unigram_log_probs,
     unigram_nats,
 )
+from gpt.inference import prepare_for_inference
 from gpt.model_dir import Lineage, load_model, read_lineage
 from gpt.params import load_params
 from gpt.plots import render_training_plot
@@ -48,6 +49,7 @@ def main() -> None:
     stats = score_windows(model, val.iter_windows(seq_len, cfg.max_windows), model.config.vocab_size,
                           cfg.batch_size, device, autocast)
     base_nats = unigram_nats(unigram_log_probs(train, model.config.vocab_size), stats.target_counts)
+    prepare_for_inference(model)  # after scoring: decode kernels for the samples and the tokens/s metric
     samples, decode_tok_s = generate_samples(model, tokenizer, cfg.prompts, cfg, device)
     bpb = bits_per_byte(stats.nats, stats.tokens, val.num_tokens, val.num_bytes)
     unigram_bpb = bits_per_byte(base_nats, stats.tokens, val.num_tokens, val.num_bytes)

@@ -58,7 +58,8 @@ def test_moe_with_one_expert_top1_equals_dense_swiglu():
         moe.experts_gate_up.copy_(dense.gate_up.weight.t())
         moe.experts_proj.copy_(dense.proj.weight.t())
     x = torch.randn(2, 7, 32)
-    torch.testing.assert_close(moe(x), dense(x))
+    out, _ = moe(x)
+    torch.testing.assert_close(out, dense(x))
 
 
 @pytest.mark.parametrize("top_k, norm_topk", [(1, False), (2, True), (3, False)])
@@ -81,7 +82,7 @@ def test_vectorised_dispatch_equals_per_token_reference(top_k, norm_topk):
                 gate, up = (x[b, t] @ moe.experts_gate_up[e]).chunk(2)
                 out = out + w * ((torch.nn.functional.silu(gate) * up) @ moe.experts_proj[e])
             expected[b, t] = out
-    torch.testing.assert_close(moe(x), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(moe(x)[0], expected, atol=1e-5, rtol=1e-5)
 
 
 def test_load_balancing_loss_is_minimal_for_uniform_routing():
@@ -125,7 +126,7 @@ def test_capacity_drops_and_counts_overflow_tokens():
     config = small("moe", moe_capacity_factor=0.5, moe_shared_expert=False)
     moe = MoE(config)
     x = torch.randn(4, 16, 32)
-    out = moe(x)
+    out, _ = moe(x)
     assert moe.stats["dropped_frac"].item() >= 0.5 - 1e-6  # capacity for half the assignments at most
     dropped_rows = (out.reshape(-1, 32).abs().sum(-1) == 0).float().mean()
     assert dropped_rows.item() == pytest.approx(moe.stats["dropped_frac"].item())
@@ -133,7 +134,7 @@ def test_capacity_drops_and_counts_overflow_tokens():
     unlimited.load_state_dict(moe.state_dict())
     no_capacity = MoE(config.replace(moe_capacity_factor=None))
     no_capacity.load_state_dict(moe.state_dict())
-    torch.testing.assert_close(unlimited(x), no_capacity(x))
+    torch.testing.assert_close(unlimited(x)[0], no_capacity(x)[0])
 
 
 def test_parameter_counts_total_and_active():
@@ -179,8 +180,10 @@ def test_single_token_decode_path_equals_the_dispatch_path(top_k, capacity):
     moe = MoE(small("moe", moe_top_k=top_k, moe_capacity_factor=capacity))
     torch.nn.init.normal_(moe.router.weight, std=0.5)
     x = torch.randn(1, 1, 32)
-    dispatched = moe(x)  # autograd on: the sort/scatter path
+    dispatched, dispatched_aux = moe(x)  # autograd on: the sort/scatter path
     dispatched_stats = {k: v.clone() for k, v in moe.stats.items()}
     with torch.no_grad():
-        torch.testing.assert_close(moe(x), dispatched.detach())
+        one_token, one_token_aux = moe(x)
+    torch.testing.assert_close(one_token, dispatched.detach())
+    torch.testing.assert_close(one_token_aux, dispatched_aux.detach())
     assert all(torch.equal(moe.stats[k], v) for k, v in dispatched_stats.items())

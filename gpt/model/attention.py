@@ -15,7 +15,6 @@ from torch import nn
 
 from gpt.model.cache import KVCache
 from gpt.model.config import ModelConfig
-from gpt.model.linear import Linear
 from gpt.model.norms import RMSNorm
 
 
@@ -26,13 +25,23 @@ class CausalSelfAttention(nn.Module):
         self.n_heads, self.n_kv_heads = config.n_heads, config.kv_heads
         self.head_dim = config.resolved_head_dim
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        self.qkv = Linear(config.d_model, q_dim + 2 * kv_dim, bias=config.bias)  # [q | k | v] along out
-        self.out = Linear(q_dim, config.d_model, bias=config.bias)
+        self.qkv = nn.Linear(config.d_model, q_dim + 2 * kv_dim, bias=config.bias)  # [q | k | v] along out
+        self.out = nn.Linear(q_dim, config.d_model, bias=config.bias)
         # Qwen3: RMSNorm over each head's channels of q and k, before RoPE, keeps attention logits bounded
         self.q_norm = RMSNorm(self.head_dim, config.layer_norm_eps) if config.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.head_dim, config.layer_norm_eps) if config.qk_norm else nn.Identity()
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
+
+    def init_weights(self, std: float, residual_std: float) -> None:
+        """GPT-2 scheme: normal(std) weights, zero biases; `out` writes into the residual stream (residual_std)."""
+        for linear, linear_std in ((self.qkv, std), (self.out, residual_std)):
+            nn.init.normal_(linear.weight, mean=0.0, std=linear_std)
+            if linear.bias is not None:
+                nn.init.zeros_(linear.bias)
+        for norm in (self.q_norm, self.k_norm):
+            if isinstance(norm, RMSNorm):
+                norm.init_weights()
 
     def forward(self, x: torch.Tensor, positions_module: nn.Module, positions: torch.Tensor,
                 mask: torch.Tensor | None, is_causal: bool, cache: KVCache | None) -> torch.Tensor:

@@ -118,6 +118,12 @@ class ModelConfig:
     def resolved_moe_d_ff(self) -> int:
         return self.moe_d_ff if self.moe_d_ff is not None else self.resolved_d_ff
 
+    @property
+    def residual_init_std(self) -> float:
+        """GPT-2: projections into the residual stream start at init_std / sqrt(2 * n_layers), so the stream's
+        variance stays about constant with depth (two residual additions per block)."""
+        return self.init_std / math.sqrt(2 * self.n_layers)
+
     def is_moe_layer(self, layer_idx: int) -> bool:
         """MoE blocks are every `moe_every`-th block, counted so that the last block is one (as in Llama 4)."""
         return self.moe_n_experts > 0 and (layer_idx + 1) % self.moe_every == 0

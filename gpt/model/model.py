@@ -1,26 +1,28 @@
 """The decoder-only transformer: embeddings → pre-norm blocks → final norm → LM head.
 
-`DecoderOnlyTransformer(config)(input_ids, labels=...)` returns `(logits, loss)` as in the seed project.
+`DecoderOnlyTransformer(config)(input_ids, labels=...)` returns `(logits, loss)` as in the seed project; the loss
+is `loss.next_token_loss` (plus the MoE load-balancing loss in training mode).
 Every variant (GPT-2, Qwen3-style, MoE) is this same module with different small parts, picked by the config:
 norm (`norms.py`), positions (`positions.py`), attention (`attention.py`), MLP or MoE (`mlp.py`, `moe.py`).
-Generation (`generate`, `stream`) lives in `generation.py` and decodes through a preallocated KV cache.
+Each part initialises its own weights (`init_weights`, GPT-2's scheme); `DecoderOnlyTransformer.init_weights` calls
+them. Generation (`generate`, `stream`) lives in `generation.py` and decodes through a preallocated KV cache.
+The layers are plain `nn.Linear`; CPU decode kernels are swapped in from outside by `gpt.inference`.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from gpt.model import generation
 from gpt.model.attention import CausalSelfAttention, build_attention_mask
 from gpt.model.cache import KVCache
 from gpt.model.config import ModelConfig
-from gpt.model.linear import Linear
-from gpt.model.mlp import build_mlp
+from gpt.model.loss import next_token_loss
+from gpt.model.mlp import build_dense_mlp
+from gpt.model.moe import MoE
 from gpt.model.norms import build_norm
 from gpt.model.positions import build_positions
 
@@ -33,11 +35,23 @@ class Block(nn.Module):
         self.attn_norm = build_norm(config.norm, config.d_model, config.layer_norm_eps, config.bias)
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp_norm = build_norm(config.norm, config.d_model, config.layer_norm_eps, config.bias)
-        self.mlp = build_mlp(config, layer_idx)
+        self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else build_dense_mlp(config)
 
-    def forward(self, x, positions_module, positions, mask, is_causal, cache):
+    def init_weights(self, std: float, residual_std: float) -> None:
+        self.attn_norm.init_weights()
+        self.attn.init_weights(std, residual_std)
+        self.mlp_norm.init_weights()
+        self.mlp.init_weights(std, residual_std)
+
+    def forward(self, x, positions_module, positions, mask, is_causal,
+                cache) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """→ (x (B, T, C), the MoE load-balancing loss or None for a dense block)."""
         x = x + self.attn(self.attn_norm(x), positions_module, positions, mask, is_causal, cache)
-        return x + self.mlp(self.mlp_norm(x))
+        if isinstance(self.mlp, MoE):
+            out, aux_loss = self.mlp(self.mlp_norm(x))
+        else:
+            out, aux_loss = self.mlp(self.mlp_norm(x)), None
+        return x + out, aux_loss
 
 
 class DecoderOnlyTransformer(nn.Module):
@@ -49,64 +63,53 @@ class DecoderOnlyTransformer(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.final_norm = build_norm(config.norm, config.d_model, config.layer_norm_eps, config.bias)
-        self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_embeddings.weight  # weight tying (Press & Wolf 2017), as in GPT-2
+        # mean load-balancing loss over the MoE blocks of the last forward (None for dense models); see aux_loss
         self.last_aux_loss: torch.Tensor | None = None
-        self.apply(self._init_weights)
-        self._init_residual_projections()
+        self.init_weights()
 
-    # ---- initialisation (GPT-2) ----
-    def _init_weights(self, module: nn.Module) -> None:
-        std = self.config.init_std
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-        elif hasattr(module, "experts_gate_up"):
-            nn.init.normal_(module.experts_gate_up, mean=0.0, std=std)
-
-    def _init_residual_projections(self) -> None:
-        # GPT-2: residual projections scaled by 1/sqrt(2*n_layers) so the residual stream's variance stays ~constant
-        std = self.config.init_std / math.sqrt(2 * self.config.n_layers)
-        for name, param in self.named_parameters():
-            if name.endswith(("attn.out.weight", "mlp.proj.weight", "shared.proj.weight", "mlp.experts_proj")):
-                nn.init.normal_(param, mean=0.0, std=std)
+    def init_weights(self) -> None:
+        """GPT-2's initialisation: normal(0, init_std) matrices, zero biases, unit norms, and the projections into
+        the residual stream at init_std / sqrt(2 * n_layers). Each part initialises its own parameters."""
+        std, residual_std = self.config.init_std, self.config.residual_init_std
+        nn.init.normal_(self.tok_embeddings.weight, mean=0.0, std=std)
+        self.positions.init_weights(std)
+        for block in self.blocks:
+            block.init_weights(std, residual_std)
+        self.final_norm.init_weights()
+        if not self.config.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, mean=0.0, std=std)
 
     # ---- forward ----
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None,
-                targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """input_ids (B, T) → (logits (B, T, V), loss or None).
 
-        labels: (B, T), usually the inputs themselves; shifted inside (position t predicts labels[t+1]).
-        targets: alternative to labels, already shifted (position t predicts targets[t]), for training on
-        windows of max_seq_len + 1 tokens. -100 marks positions that do not count in either.
+        labels: the tokens to predict, shifted inside: position t is scored against labels[:, t + 1]. Usually the
+        inputs themselves (B, T); a training window of T + 1 tokens passes input_ids = window[:, :-1] and
+        labels = window, so every position is scored. -100 marks labels that do not count (`loss.next_token_loss`).
         attention_mask: (B, T), 1 = real token, 0 = padding (left padding for batched prompts).
         In training mode an MoE model adds moe_aux_loss_coef * load-balancing loss to the loss.
         """
-        if labels is not None and targets is not None:
-            raise ValueError("pass labels (shifted inside) or targets (already shifted), not both")
-        hidden = self.hidden_states(input_ids, attention_mask=attention_mask)
+        hidden, aux_loss = self._run_blocks(input_ids, attention_mask, cache=None)
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
-            targets = labels[:, 1:]
-            logits_for_loss = logits[:, :-1]
-        elif targets is not None:
-            logits_for_loss = logits
-        if targets is not None:
-            loss = F.cross_entropy(logits_for_loss.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
-                                   ignore_index=-100)
-            if self.training and self.last_aux_loss is not None:
-                loss = loss + self.config.moe_aux_loss_coef * self.last_aux_loss
+            loss = next_token_loss(logits, labels)
+            if self.training and aux_loss is not None:
+                loss = loss + self.config.moe_aux_loss_coef * aux_loss
         return logits, loss
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       cache: KVCache | None = None) -> torch.Tensor:
         """Final-norm hidden states (B, T, d_model); with a cache, continues after the cached tokens."""
+        return self._run_blocks(input_ids, attention_mask, cache)[0]
+
+    def _run_blocks(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                    cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """→ (final-norm hidden states (B, T, C), mean MoE load-balancing loss over the MoE blocks or None)."""
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         if past + T > self.config.max_seq_len:
@@ -118,12 +121,15 @@ class DecoderOnlyTransformer(nn.Module):
         positions = self._positions(key_padding, past, T, input_ids.device)
         mask, is_causal = build_attention_mask(T, past, key_padding, input_ids.device)
         x = self.dropout(self.positions.embed(self.tok_embeddings(input_ids), positions))  # (B, T, C)
+        aux_losses = []
         for block in self.blocks:
-            x = block(x, self.positions, positions, mask, is_causal, cache)
+            x, aux_loss = block(x, self.positions, positions, mask, is_causal, cache)
+            if aux_loss is not None:
+                aux_losses.append(aux_loss)
         if cache is not None:
             cache.advance(T, None if key_padding is None else key_padding[:, past:])
-        self._collect_aux_loss()
-        return self.final_norm(x)
+        self.last_aux_loss = torch.stack(aux_losses).mean() if aux_losses else None
+        return self.final_norm(x), self.last_aux_loss
 
     @staticmethod
     def _key_padding(attention_mask, cache, B, T) -> torch.Tensor | None:
@@ -147,16 +153,12 @@ class DecoderOnlyTransformer(nn.Module):
             return torch.arange(past, past + T, device=device)
         return (key_padding.long().cumsum(dim=1) - 1).clamp(min=0)[:, past:]
 
-    def _collect_aux_loss(self) -> None:
-        losses = [b.mlp.aux_loss for b in self.blocks if getattr(b.mlp, "aux_loss", None) is not None]
-        self.last_aux_loss = torch.stack(losses).mean() if losses else None
-
     @property
     def aux_loss(self) -> torch.Tensor | None:
         """moe_aux_loss_coef * load-balancing loss of the last forward (None for dense models).
 
         For trainers that compute the LM loss from the logits themselves: add this to it. (The loss returned
-        by `forward` with labels/targets in training mode already includes it.)
+        by `forward` with labels in training mode already includes it.)
         """
         if self.last_aux_loss is None:
             return None
@@ -171,17 +173,17 @@ class DecoderOnlyTransformer(nn.Module):
             if hasattr(self.positions, "wpe"):
                 total -= self.positions.wpe.weight.numel()
         if active:
-            for block in self.blocks:
-                if hasattr(block.mlp, "experts_gate_up"):
-                    per_expert = (block.mlp.experts_gate_up.numel() + block.mlp.experts_proj.numel()) // block.mlp.n_experts
-                    total -= per_expert * (block.mlp.n_experts - block.mlp.top_k)
+            for moe in (block.mlp for block in self.blocks if isinstance(block.mlp, MoE)):
+                total -= moe.parameters_per_expert * (moe.n_experts - moe.top_k)
         return total
 
     def router_stats(self) -> dict[str, float]:
         """Expert load per MoE layer from the last forward (for logging): {"layer3.expert0.load": 0.27, ...}."""
         stats: dict[str, float] = {}
         for i, block in enumerate(self.blocks):
-            for key, value in getattr(block.mlp, "stats", {}).items():
+            if not isinstance(block.mlp, MoE):
+                continue
+            for key, value in block.mlp.stats.items():
                 if value.numel() == 1:
                     stats[f"layer{i}.{key}"] = float(value)
                 else:

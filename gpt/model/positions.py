@@ -1,6 +1,6 @@
 """Position encodings, chosen by `ModelConfig.position`.
 
-Both classes offer the same two hooks so the model never branches on the kind:
+Both classes offer the same hooks so the model never branches on the kind (and `init_weights(std)`):
 `embed(x, positions)` adds absolute embeddings to the token embeddings (learned) or does nothing (RoPE), and
 `rotate(q, k, positions)` rotates queries and keys inside attention (RoPE) or does nothing (learned).
 `positions` are absolute token positions, shape (T,) or (B, T) — with a KV cache they continue from the cache.
@@ -18,6 +18,9 @@ class LearnedPositions(nn.Module):
     def __init__(self, max_seq_len: int, d_model: int) -> None:
         super().__init__()
         self.wpe = nn.Embedding(max_seq_len, d_model)
+
+    def init_weights(self, std: float) -> None:
+        nn.init.normal_(self.wpe.weight, mean=0.0, std=std)
 
     def embed(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return x + self.wpe(positions)
@@ -41,6 +44,9 @@ class RotaryPositions(nn.Module):
         angles = torch.cat([angles, angles], dim=-1)  # (L, hd)
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def init_weights(self, std: float) -> None:
+        """Nothing to learn: the tables are fixed."""
 
     def embed(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return x

@@ -29,11 +29,11 @@ class StepResult:
 def lm_loss(model: nn.Module, windows: torch.Tensor, precision: Precision) -> torch.Tensor:
     """Next-token cross-entropy of windows [B, T+1]: inputs are the first T tokens, targets the last T.
 
-    The model computes the loss (in fp32, from already-shifted `targets`), adding an MoE load-balancing term in
-    training mode; so T may equal max_seq_len.
+    The model computes the loss (`gpt.model.next_token_loss`, fp32; labels = the whole window, so all T positions
+    are scored), adding an MoE load-balancing term in training mode; so T may equal max_seq_len.
     """
     with precision.autocast():
-        _, loss = model(windows[:, :-1], targets=windows[:, 1:])
+        _, loss = model(windows[:, :-1], labels=windows)
     return loss.float()
 
 

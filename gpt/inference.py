@@ -1,0 +1,80 @@
+"""Preparing a model for CPU inference: faster kernels for batch-1 decoding, applied from outside the model.
+
+`prepare_for_inference(model)` replaces every `nn.Linear` whose weight is on the CPU with a `DecodeLinear` holding
+the same parameters (tied weights stay tied), the way `gpt.quantize` swaps in `Int8Linear`. Whoever loads a model
+to generate with it calls this (`gpt.model_dir.load` does); the model itself stays plain PyTorch, so training,
+export and the equivalence tests see ordinary `nn.Linear` layers.
+
+Why. Decoding one token at a time is memory-bound: every step reads every weight once, a single activation row
+against the whole matrix (a GEMV). Which kernel reads the weight fastest depends on its dtype and layout;
+measured on this machine's CPU (AMD EPYC with AVX-512 bf16, torch 2.13, 2 threads; numbers in the commit that
+added this module and bench/README.md):
+  - bf16: `F.linear` goes through oneDNN, which reorders the weight on every call; `torch.addmv` (ATen's own GEMV,
+    float32 accumulation, the bias fused as in `F.linear`) reads the (out, in) weight about twice as fast on the
+    65536 x 768 LM head. It is a per-call choice: no process-wide oneDNN switch is touched.
+  - fp32: the BLAS GEMV reads an (in, out)-contiguous matrix faster than an (out, in) one. So the fp32 weights are
+    stored transposed: the parameter becomes a `.t()` view of an (in, out) contiguous tensor, and `F.linear` on
+    it runs the faster kernel. There is no second copy to go stale: `p.data.mul_(2)`, `load_state_dict` (which
+    copies into the existing storage) and optimizer steps all write the one tensor the kernel reads; `p.data =
+    new` swaps in a tensor of the new layout, which `F.linear` computes just as correctly (at the old speed).
+  - fp16: no faster kernel found here; `F.linear` as is.
+Costs: a prepared fp32 model's weights are not contiguous, so save the model you loaded, not a prepared one
+(safetensors refuses non-contiguous tensors); the tied embedding is looked up from the transposed storage
+(a strided gather: ~3 ms more per 512-token prefill of the seed model, nothing per decode step).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class DecodeLinear(nn.Linear):
+    """`nn.Linear` whose single-row bf16 CPU calls use `torch.addmv`; every other call is `F.linear`.
+
+    The kernel is chosen from the weight as it is at call time (dtype, layout, device), so nothing is cached.
+    """
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> DecodeLinear:
+        """A DecodeLinear sharing `linear`'s parameters (no copy: a tied weight stays tied)."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features = linear.in_features, linear.out_features
+        layer.weight, layer.bias = linear.weight, linear.bias
+        layer.train(linear.training)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        if (x.device.type == "cpu" and weight.dtype == torch.bfloat16 and x.dtype == weight.dtype
+                and x.numel() == x.shape[-1] and weight.is_contiguous()):
+            row = x.reshape(-1)  # (in,)
+            y = torch.mv(weight, row) if self.bias is None else torch.addmv(self.bias, weight, row)
+            return y.view(*x.shape[:-1], self.out_features)
+        return F.linear(x, weight, self.bias)
+
+
+def _store_transposed(param: nn.Parameter) -> None:
+    """Keep the values, change the layout: `param` becomes a (out, in) view of an (in, out) contiguous tensor."""
+    if param.dim() == 2 and param.is_contiguous():
+        param.data = param.data.t().contiguous().t()
+
+
+def prepare_for_inference(model: nn.Module) -> nn.Module:
+    """Swap the model's CPU `nn.Linear` layers for `DecodeLinear` (in place) and lay out fp32 weights for GEMV.
+
+    Returns `model`. Call it after moving the model to its final device and dtype. The results equal the
+    unprepared model's up to float rounding (the kernels sum in a different order).
+    """
+    swaps = [(name, module) for name, module in model.named_modules()
+             if type(module) is nn.Linear and module.weight.device.type == "cpu"]
+    for name, linear in swaps:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layer = DecodeLinear.from_linear(linear)
+        setattr(parent, child, layer)
+        if layer.weight.dtype == torch.float32:
+            _store_transposed(layer.weight)
+    return model
