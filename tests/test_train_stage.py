@@ -6,7 +6,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -148,48 +154,122 @@ def test_bits_per_byte_and_unigram_baseline_by_hand(tmp_path):
     assert stats.correct == int((targets == 0).sum())
 
 
-@pytest.mark.slow
-def test_kill_9_then_rerun_gives_the_uninterrupted_model(workspace, tmp_path):
-    """A real SIGKILL at an arbitrary moment after the first checkpoint; re-running resumes and ends with the same
-    weights (fp32, CPU) as a run that was never interrupted."""
-    import os
-    import shutil
-    import signal
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
+ROOT = Path(__file__).resolve().parents[1]
+STAGE = [sys.executable, "-m", "stages.train"]
+CURVE = "metrics/train/plots/metrics/train/loss.tsv"
+RESUMABLE = {"max_steps": 40, "checkpoint_every": 10, "eval_every": 10}
 
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-    runs = {}
-    for name in ("plain", "killed"):
-        work = tmp_path / name
-        shutil.copytree(workspace / "data/tokenizer", work / "data/tokenizer")
-        shutil.copytree(workspace / "data/shards", work / "data/shards")
-        write_params(work, train={"max_steps": 40, "checkpoint_every": 10, "eval_every": 10})
-        runs[name] = work
-    cmd = [sys.executable, "-m", "stages.train"]
-    subprocess.run(cmd, cwd=runs["plain"], env=env, check=True, capture_output=True, timeout=300)
-    proc = subprocess.Popen(cmd, cwd=runs["killed"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first = runs["killed"] / "data/checkpoints/step-000010/state.json"
+
+def stage_env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def stage_copy(workspace: Path, work: Path, **train) -> Path:
+    shutil.copytree(workspace / "data/tokenizer", work / "data/tokenizer")
+    shutil.copytree(workspace / "data/shards", work / "data/shards")
+    write_params(work, train={**RESUMABLE, **train})
+    return work
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Same final weights and the same loss curve, byte for byte (same rows, same line endings)."""
+    wa = safetensors.torch.load_file(a / "data/model/model.safetensors")
+    wb = safetensors.torch.load_file(b / "data/model/model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert (a / CURVE).read_bytes() == (b / CURVE).read_bytes()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(workspace, tmp_path_factory) -> Path:
+    """The reference: the train stage run once, start to end, in a subprocess."""
+    work = stage_copy(workspace, tmp_path_factory.mktemp("plain") / "plain")
+    subprocess.run(STAGE, cwd=work, env=stage_env(), check=True, capture_output=True, timeout=300)
+    return work
+
+
+def start_and_wait_for_first_checkpoint(work: Path) -> subprocess.Popen:
+    proc = subprocess.Popen(STAGE, cwd=work, env=stage_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    first = work / "data/checkpoints/step-000010/state.json"
     deadline = time.time() + 240
     while not first.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
+    return proc
+
+
+@pytest.mark.slow
+def test_kill_9_then_rerun_gives_the_uninterrupted_model(workspace, uninterrupted, tmp_path):
+    """A real SIGKILL at an arbitrary moment after the first checkpoint; re-running resumes and ends with the same
+    weights (fp32, CPU) as a run that was never interrupted."""
+    work = stage_copy(workspace, tmp_path / "killed")
+    proc = start_and_wait_for_first_checkpoint(work)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (runs["killed"] / "data/model").exists(), "killed too late: the run had finished"
-    rerun = subprocess.run(cmd, cwd=runs["killed"], env=env, check=True, capture_output=True, text=True,
+    proc.communicate()
+    assert not (work / "data/model").exists(), "killed too late: the run had finished"
+    rerun = subprocess.run(STAGE, cwd=work, env=stage_env(), check=True, capture_output=True, text=True,
                            timeout=300)
     assert "resuming from" in rerun.stderr and "(step 0)" not in rerun.stderr  # continued, not restarted
-    state = json.loads((runs["killed"] / "data/checkpoints/step-000040/state.json").read_text())
+    state = json.loads((work / "data/checkpoints/step-000040/state.json").read_text())
     assert state["step"] == 40
-    a = safetensors.torch.load_file(runs["plain"] / "data/model/model.safetensors")
-    b = safetensors.torch.load_file(runs["killed"] / "data/model/model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    # the loss curve of the resumed run is the uninterrupted one, byte for byte (same rows, same line endings)
-    curve = "metrics/train/plots/metrics/train/loss.tsv"
-    assert (runs["killed"] / curve).read_bytes() == (runs["plain"] / curve).read_bytes()
+    assert_same_run(work, uninterrupted)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_saves_the_current_step_and_exits_with_one_line(workspace, uninterrupted, tmp_path,
+                                                                          signum):
+    work = stage_copy(workspace, tmp_path / "stopped")
+    proc = start_and_wait_for_first_checkpoint(work)
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, stderr[-2000:]
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    name = signal.Signals(signum).name
+    assert last.startswith(f"train: interrupted by {name} at step "), stderr[-2000:]
+    step = int(last.split(" at step ")[1].split(";")[0])
+    assert 10 <= step < 40 and (work / f"data/checkpoints/step-{step:06d}/state.json").is_file()
+    assert not (work / "data/model").exists()
+    rerun = subprocess.run(STAGE, cwd=work, env=stage_env(), check=True, capture_output=True, text=True,
+                           timeout=300)
+    assert f"(step {step})" in rerun.stderr  # resumed from the step it stopped at
+    assert_same_run(work, uninterrupted)
+
+
+@pytest.mark.slow
+def test_a_damaged_latest_checkpoint_falls_back_and_ends_identical(workspace, uninterrupted, tmp_path):
+    """Flipped bytes in the finished run's last optimizer state: the rerun names the file, sets the checkpoint
+    aside, continues from the one before and ends with the uninterrupted run's weights and curve."""
+    work = stage_copy(workspace, tmp_path / "damaged")
+    subprocess.run(STAGE, cwd=work, env=stage_env(), check=True, capture_output=True, timeout=300)
+    optimizer = work / "data/checkpoints/step-000040/optimizer.safetensors"
+    data = bytearray(optimizer.read_bytes())
+    data[-5] ^= 0x10
+    optimizer.write_bytes(bytes(data))
+    rerun = subprocess.run(STAGE, cwd=work, env=stage_env(), check=True, capture_output=True, text=True,
+                           timeout=300)
+    assert "step-000040" in rerun.stderr and "optimizer.safetensors" in rerun.stderr
+    assert "(step 30)" in rerun.stderr
+    assert (work / "data/checkpoints/step-000040.damaged-1/optimizer.safetensors").read_bytes() == bytes(data)
+    assert_same_run(work, uninterrupted)
+
+
+def test_leftovers_of_a_killed_export_are_removed_at_start(workspace, monkeypatch, tmp_path):
+    work = stage_copy(workspace, tmp_path / "ws", max_steps=2, warmup_steps=1, checkpoint_every=2, eval_every=2)
+    for leftover in (".model.k3x9.tmp", ".tmp-model-abc", ".old-model-42"):  # gpt.atomic's and the older writer's
+        (work / "data" / leftover).mkdir()
+        (work / "data" / leftover / "model.safetensors").write_bytes(b"half")
+    monkeypatch.chdir(work)
+    from stages import train
+
+    train.main()
+    assert sorted(p.name for p in (work / "data").iterdir()) == ["checkpoints", "model", "shards", "tokenizer"]
+
+
+@pytest.mark.parametrize("path", ["data/checkpoints/step-000010/state.json", "data/model-int8/config.json",
+                                  "data/model-hf/model.safetensors"])
+def test_resume_state_and_suggested_model_outputs_are_git_ignored(path):
+    assert subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT).returncode == 0, path
 
 
 def test_the_projects_params_yaml_sections_are_valid():
