@@ -9,6 +9,7 @@ import pyarrow as pa
 import pytest
 
 from gpt.augment import AugmentConfig, BackendUnavailable, augment_corpus
+from gpt.augment.base import apt_packages
 from gpt.augment.dictionary import B64, DictionaryTranslator, b64_number, first_sense, load_dictd
 from gpt.config import from_dict
 from gpt.data.corpus import CorpusWriter, read_corpus
@@ -66,8 +67,19 @@ def test_word_by_word_substitution(tmp_path):
 
 
 def test_missing_dictionary_says_what_to_install(tmp_path):
-    with pytest.raises(BackendUnavailable, match="apt-get install dict-freedict-eng-ind"):
-        DictionaryTranslator(tmp_path / "freedict-eng-xxx")
+    with pytest.raises(BackendUnavailable, match="dict-freedict-eng-ind"):
+        DictionaryTranslator(tmp_path / "freedict-eng-ind")
+    if "dict-freedict-eng-ind" in (apt_packages("dict-") or ()):  # apt knows the real package: no invented ones
+        with pytest.raises(BackendUnavailable, match="have no package .*dict-freedict-eng-xxx") as err:
+            DictionaryTranslator(tmp_path / "freedict-eng-xxx")
+        assert "apt-get install" not in str(err.value)
+
+
+def test_code_is_left_alone(tmp_path):
+    tr = DictionaryTranslator(write_dictd(tmp_path, compress=False))
+    text = "The cat runs `the cat` here.\n\n>>> the = cat('house')\n'the big house'\n\nThe big house.\n"
+    assert tr.translate([text]) == [
+        "Itu kucing runs `the cat` here.\n\n>>> the = cat('house')\n'the big house'\n\nItu besar rumah.\n"]
 
 
 def test_dictionary_backend_in_the_pipeline(tmp_path):
@@ -75,7 +87,8 @@ def test_dictionary_backend_in_the_pipeline(tmp_path):
     rows = [{"id": f"d{i}", "text": f"The cat {i}.", "source": "t", "lang": "en", "split": "train"} for i in range(4)]
     with CorpusWriter(tmp_path / "cleaned") as writer:
         writer.write(rows)
-    section = {"backend": "dictionary", "tgt_lang": "id", "fraction": 1.0, "dictionary": {"path": str(base)}}
+    section = {"backend": "dictionary", "tgt_lang": "id", "fraction": 1.0, "dictionary": {"path": str(base)},
+               "detect_lang": False}
     cfg = from_dict(AugmentConfig, section, "augment")
     metrics = augment_corpus(cfg, tmp_path / "cleaned", tmp_path / "aug", tmp_path / "cache", progress=False)
     out = pa.Table.from_batches(list(read_corpus(tmp_path / "aug"))).to_pylist()

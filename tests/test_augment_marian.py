@@ -94,7 +94,8 @@ def test_marian_backend_in_the_pipeline(tmp_path, model_dir):
     rows = [{"id": f"d{i}", "text": SENTENCES[i], "source": "t", "lang": "en", "split": "train"} for i in range(5)]
     with CorpusWriter(tmp_path / "cleaned") as writer:
         writer.write(rows)
-    cfg = AugmentConfig(backend="marian", tgt_lang="id", fraction=1.0, marian=MarianConfig(model=str(model_dir)))
+    cfg = AugmentConfig(backend="marian", tgt_lang="id", fraction=1.0, marian=MarianConfig(model=str(model_dir)),
+                        detect_lang=False)
     metrics = augment_corpus(cfg, tmp_path / "cleaned", tmp_path / "aug", tmp_path / "cache", progress=False)
     out = pa.Table.from_batches(list(read_corpus(tmp_path / "aug"))).to_pylist()
     assert metrics["documents_translated"] == 5 and metrics["config"]["workers"] == 1
@@ -109,3 +110,50 @@ def test_missing_model_is_a_clear_error(tmp_path):
 
     with pytest.raises(BackendUnavailable, match="(?s)augment.marian.model.*allow_download"):
         MarianTranslator(MarianConfig(model="no-such-org/no-such-model"))
+
+
+def test_code_is_copied_and_only_prose_is_translated(translator):
+    text = "The house is big.\n\n>>> print('The house is big.')\nThe house is big.\n\nWe translate `x = 1` offline."
+    out = translator.translate([text])[0]
+    assert "\n\n>>> print('The house is big.')\nThe house is big.\n\n" in out and "`x = 1`" in out
+    assert out.startswith(translator.translate(["The house is big."])[0] + "\n\n")
+
+
+def test_cache_key_follows_the_weights_not_their_names(tmp_path, model_dir):
+    """Retraining keeps file names and sizes: the translations of the old weights must not be served."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from gpt.augment.marian import MarianTranslator
+
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy)
+    before = MarianTranslator(MarianConfig(model=str(copy))).version
+    weights = next(copy.glob("*.safetensors"))
+    tensors = load_file(weights)
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + 1.0
+    size = weights.stat().st_size
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    assert weights.stat().st_size == size
+    after = MarianTranslator(MarianConfig(model=str(copy))).version
+    assert after != before
+    assert MarianTranslator(MarianConfig(model=str(model_dir))).version == before  # same files, same key
+
+
+def test_model_dir_is_a_dvc_dependency_that_always_exists():
+    """dvc.yaml cannot add a dependency only when a param is set, so the model path is always one; its default
+    is a directory in the repository (models/translation), so `dvc repro` never misses it."""
+    from pathlib import Path
+
+    import yaml
+
+    from gpt.augment import AugmentConfig
+
+    root = Path(__file__).resolve().parents[1]
+    deps = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]["augment"]["deps"]
+    assert "${augment.marian.model}" in deps
+    params = yaml.safe_load((root / "params.yaml").read_text())["augment"]["marian"]
+    assert params["model"] == AugmentConfig().marian.model and (root / params["model"]).is_dir()
+    assert (root / params["model"] / "README.md").is_file()
