@@ -23,7 +23,8 @@ def main() -> int:
     write_json_atomic(paths.metrics / "augment.json", metrics)
     print(
         f"augment: {metrics['documents_in']} documents in, {metrics['documents_translated']} translated "
-        f"({metrics['cache_hits']} cache hits, {metrics['documents_failed']} failed) → {paths.augmented}"
+        f"({metrics['cache_hits']} cache hits, {metrics['documents_failed']} failed, "
+        f"{metrics['documents_skipped_lang']} skipped as not {cfg.src_lang}) → {paths.augmented}"
     )
     return 0
 
