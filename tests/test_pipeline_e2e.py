@@ -300,3 +300,24 @@ def _check_training_png(project: Path, metrics: dict, params: dict) -> None:
     assert {row["filename"] for row in shown["loss"][0]["content"]["data"]["values"]} == {"train/loss.tsv",
                                                                                         "val/loss.tsv"}
     assert shown["metrics/training.png"][0]["type"] == "image"
+
+
+# ---- issue 11: resume state is not an artifact; a fresh clone + dvc pull is up to date ----
+@pytest.mark.slow
+def test_fresh_clone_after_dvc_push_and_pull_is_up_to_date(project, tmp_path):
+    """`dvc push` to a local remote → `git clone` → `dvc pull`: `dvc status` reports nothing to do and `dvc repro`
+    runs nothing (the checkpoints, which are never pushed, are not a stage output)."""
+    project, _, env = project
+    _dvc("remote", "add", "--force", "--default", "e2e", str(tmp_path / "remote"), cwd=project, env=env)
+    _run(["git", "add", "-A"], project, env)
+    _run(["git", "commit", "-qm", "pipeline results + remote", "--allow-empty"], project, env)
+    assert (project / "data/checkpoints").is_dir()  # there, but neither pushed nor tracked
+    _dvc("push", cwd=project, env=env)
+    clone = tmp_path / "clone"
+    _run(["git", "clone", "-q", str(project), str(clone)], tmp_path, env)
+    _dvc("pull", cwd=clone, env=env)
+    status = _dvc("status", cwd=clone, env=env)
+    assert "up to date" in status and "deleted" not in status and "changed" not in status, status
+    out = _dvc("repro", cwd=clone, env=env)
+    assert "Running stage" not in out, out
+    assert not (clone / "data/checkpoints").exists()

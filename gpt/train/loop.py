@@ -293,16 +293,18 @@ class StopRequest:
 @contextlib.contextmanager
 def stop_signals() -> Iterator[StopRequest]:
     """While training: the first SIGINT/SIGTERM only records itself (the loop saves and stops after the current
-    step); a second one raises KeyboardInterrupt at once. Handlers are restored on exit."""
+    step); the same signal again (Ctrl-C twice) raises KeyboardInterrupt at once. The other signal is ignored once
+    stopping: torchrun answers a Ctrl-C by sending its workers SIGTERM, which must not cut the save short.
+    Handlers are restored on exit."""
     stop = StopRequest()
     if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
         yield stop
         return
 
     def handler(signum, frame):
-        if stop.signum is not None:
+        if stop.signum == signum:
             raise KeyboardInterrupt
-        stop.signum = signum
+        stop.signum = stop.signum or signum
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
