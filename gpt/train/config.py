@@ -26,13 +26,13 @@ BOOKKEEPING_KEYS = frozenset(
 class TrainConfig:
     """Training loop knobs. Token counts are per optimizer step, summed over ranks and accumulation micro-steps."""
 
-    max_steps: int = 200
-    batch_size: int = 8  # windows per micro-batch per rank
+    max_steps: int = 1000
+    batch_size: int = 16  # windows per micro-batch per rank
     seq_len: int = 128
     tokens_per_step: int | None = None  # target global tokens per optimizer step; null = one micro-batch per rank
     lr: float = 3.0e-3
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
-    warmup_steps: int = 20
+    warmup_steps: int = 100
     schedule: Schedule = "cosine"
     decay_fraction: float = 0.2  # wsd: the last fraction of steps decays linearly to min lr
     weight_decay: float = 0.1
@@ -47,9 +47,9 @@ class TrainConfig:
     on_nonfinite: Literal["stop", "skip"] = "stop"
     max_nonfinite_skips: int = 10  # with on_nonfinite=skip: stop after this many skipped steps
     log_every: int = 10
-    eval_every: int = 50
+    eval_every: int = 100
     eval_windows: int = 32  # fixed validation windows for the periodic val loss
-    checkpoint_every: int = 100
+    checkpoint_every: int = 200
     keep_last: int = 2
     keep_best: bool = True
     keep_other_runs: int = 3  # run folders kept under paths.checkpoints/runs/ (other runs' checkpoints)
