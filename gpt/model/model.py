@@ -24,7 +24,7 @@ from gpt.model.loss import next_token_loss
 from gpt.model.mlp import build_dense_mlp
 from gpt.model.moe import MoE
 from gpt.model.norms import build_norm
-from gpt.model.positions import build_positions
+from gpt.model.positions import LearnedPositions, build_positions
 
 
 class Block(nn.Module):
@@ -170,7 +170,7 @@ class DecoderOnlyTransformer(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         if non_embedding:
             total -= self.tok_embeddings.weight.numel()
-            if hasattr(self.positions, "wpe"):
+            if isinstance(self.positions, LearnedPositions):
                 total -= self.positions.wpe.weight.numel()
         if active:
             for moe in (block.mlp for block in self.blocks if isinstance(block.mlp, MoE)):
