@@ -458,3 +458,16 @@ def test_nonfinite_gradient_norm_is_named_as_such(shards, tmp_path):
 def test_progress_bar_is_quiet_when_stderr_is_not_a_terminal(shards, tmp_path, capsys):
     run(tiny_model(), cfg(max_steps=2, checkpoint_every=2, progress=True), shards, tmp_path / "c")
     assert "train:" not in capsys.readouterr().err
+
+
+def test_muon_run_resumes_bit_identically(shards, tmp_path):
+    """train.optimizer=muon through the real loop: checkpointed Muon momentum restores exactly (resumed = full)."""
+    c = cfg(optimizer="muon", muon_lr=2.0e-2)
+    full, _ = run(tiny_model(), c, shards, tmp_path / "full")
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_model(), c, (StopAt(shards[0], 4), shards[1]), tmp_path / "resumed")
+    resumed, _ = run(tiny_model(seed=99), c, shards, tmp_path / "resumed")
+    assert resumed.resumed_from == 3 and resumed.val_loss == full.val_loss
+    (w1, o1), (w2, o2) = final_state(tmp_path / "full"), final_state(tmp_path / "resumed")
+    assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert any("momentum_buffer" in k for k in o1) and all(torch.equal(o1[k], o2[k]) for k in o1)

@@ -35,6 +35,9 @@ class TrainConfig:
     warmup_steps: int = 100
     schedule: Schedule = "cosine"
     decay_fraction: float = 0.2  # wsd: the last fraction of steps decays linearly to min lr
+    optimizer: Literal["adamw", "muon"] = "adamw"  # muon: Muon for block matrices, AdamW for the rest (muon.py)
+    muon_lr: float = 0.02  # Muon's lr at the schedule's peak (the schedule scales it like train.lr)
+    muon_momentum: float = 0.95
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -67,6 +70,10 @@ class TrainConfig:
             raise ConfigError(f"train.keep_other_runs: must be >= 0, got {self.keep_other_runs}")
         if self.tokens_per_step is not None and self.tokens_per_step < 1:
             raise ConfigError(f"train.tokens_per_step: must be >= 1 or null, got {self.tokens_per_step}")
+        if self.muon_lr <= 0:
+            raise ConfigError(f"train.muon_lr: must be > 0, got {self.muon_lr}")
+        if not 0 <= self.muon_momentum < 1:
+            raise ConfigError(f"train.muon_momentum: must be in [0, 1), got {self.muon_momentum}")
         if self.lr <= 0:
             raise ConfigError(f"train.lr: must be > 0, got {self.lr}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:

@@ -1,6 +1,6 @@
 """Optimizer and learning-rate schedule.
 
-AdamW with two parameter groups: matrices (Linear weights, embeddings: dim >= 2) get weight decay; biases and norm
+AdamW (default) with two parameter groups: matrices (Linear weights, embeddings: dim >= 2) get weight decay; biases and norm
 gains (dim < 2) don't — decaying them only pulls the model towards a less expressive shape (nanoGPT, GPT-3 paper).
 
 The schedule is a pure function of the step (`lr_at`), so "scheduler state" is just the step number and resuming
@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from gpt.train.config import TrainConfig
+from gpt.train.muon import build_muon
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -31,8 +32,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.AdamW:
-    """AdamW over `param_groups`; the fused CUDA kernel when on CUDA (one launch for all parameters)."""
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.Optimizer:
+    """cfg.optimizer: AdamW over `param_groups` (the fused CUDA kernel on CUDA), or Muon + AdamW (gpt.train.muon)."""
+    if cfg.optimizer == "muon":
+        return build_muon(model, lr=cfg.lr, muon_lr=cfg.muon_lr, weight_decay=cfg.weight_decay,
+                          betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, momentum=cfg.muon_momentum)
     extra = {"fused": True} if device_type == "cuda" else {}
     return torch.optim.AdamW(
         param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **extra
