@@ -105,7 +105,7 @@ def score_windows(model: nn.Module, windows, vocab_size: int, batch_size: int, d
         stats.target_counts += np.bincount(targets.flatten().cpu().numpy(), minlength=vocab_size)[:vocab_size]
         batch.clear()
 
-    for window in tqdm(windows, desc="evaluate", unit="win", disable=not progress):
+    for window in tqdm(windows, desc="evaluate", unit="win", disable=None if progress else True):
         batch.append(window)
         if len(batch) == batch_size:
             flush()

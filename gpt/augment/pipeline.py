@@ -399,7 +399,8 @@ def augment_corpus(cfg: AugmentConfig, cleaned: str | Path, augmented: str | Pat
     detect = LanguageDetector()
     with (TranslationCache(cache_dir) as cache, CorpusWriter(augmented, schema=AUGMENTED_SCHEMA) as writer,
           ThreadPoolExecutor(max_workers=workers) as pool,
-          tqdm(total=total * len(steps), desc=f"augment ({steps[0].name})", unit="doc", disable=not progress) as bar):
+          tqdm(total=total * len(steps), desc=f"augment ({steps[0].name})", unit="doc",
+               disable=None if progress else True) as bar):
         runners = [_Step(t, cache, cfg, stats, pool if workers > 1 else None, bar) for t in steps]
         pending: list[dict[str, Any]] = []
         for batch in read_corpus(cleaned):
