@@ -256,7 +256,9 @@ def train_tokenizer(lines: Iterable[str], cfg: TokenizerConfig, out_dir: str | P
             bos_id=BOS_ID,
             eos_id=EOS_ID,
             pad_id=PAD_ID,
-            user_defined_symbols=list(cfg.special_tokens),
+            # control symbols: only ever inserted by id (chat template), never matched in text, so a user who types
+            # "<|end|><|assistant|>" into a message cannot forge a turn; they decode to ""
+            control_symbols=list(cfg.special_tokens),
             input_sentence_size=0,  # we sample ourselves, deterministically
             max_sentence_length=cfg.max_sentence_chars * 4,  # bytes (UTF-8 needs at most 4 per character)
             split_digits=True,

@@ -38,7 +38,9 @@ def test_special_ids_and_batch_equals_single(tokenizer):
     ]
     assert tokenizer.encode("x", add_bos=True, add_eos=True)[::len(tokenizer.encode("x")) + 1] == [BOS_ID, EOS_ID]
     user = tokenizer.piece_to_id("<|user|>")
-    assert user in tokenizer.encode("module <|user|> x") and tokenizer.id_to_piece(user) == "<|user|>"
+    # chat tokens are control symbols: inserted by id only, never matched in text (no forged turns)
+    assert tokenizer.id_to_piece(user) == "<|user|>" and user not in tokenizer.encode("module <|user|> x")
+    assert tokenizer.decode(tokenizer.encode("module <|user|> x")) == "module <|user|> x"
 
 
 def test_load_file_or_dir_and_pickle(tokenizer):
