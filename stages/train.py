@@ -3,6 +3,8 @@
     python -m stages.train                              # one process (CPU or one GPU)
     torchrun --nproc_per_node=2 -m stages.train         # DDP: gloo on CPU, NCCL on GPUs
 
+With `train.init_from: <model dir>` training continues from that model (its weights, config and tokenizer;
+the lineage records its weights' sha256) instead of a random initialisation.
 Re-running after an interruption resumes from the latest checkpoint in paths.checkpoints (gpt/train/resume.py);
 Ctrl-C or SIGTERM saves a checkpoint at the current step first. paths.checkpoints is resume state, not a DVC output.
 Outputs: paths.model/ (what evaluate, the CLI and the server load),
@@ -26,6 +28,7 @@ from gpt.train.checkpoints import remove_leftovers
 from gpt.train.config import TrainConfig
 from gpt.train.device import seed_everything
 from gpt.train.distributed import shutdown
+from gpt.train.init import check_parent_tokenizer, parent_model, parent_model_config
 from gpt.train.loop import TrainingInterrupted, train
 
 
@@ -49,16 +52,22 @@ def main() -> None:
     params = load_params()  # the whole file: a slip in any section (evaluate too) fails before training
     paths, cfg = params.paths, params.train
     tokenizer = Tokenizer.load(paths.tokenizer)
-    model_config = resolve_model_config(params.model, tokenizer, cfg)
+    parent = parent_model(cfg.init_from) if cfg.init_from else None  # continue from a model (gpt/train/init.py)
+    if parent is not None:
+        check_parent_tokenizer(parent, tokenizer)
+        model_config = parent_model_config(parent, params.model.to_section(), tokenizer.vocab_size, cfg.seq_len)
+    else:
+        model_config = resolve_model_config(params.model, tokenizer, cfg)
     train_data, val_data = load_data(paths, tokenizer)
     lineage = {"tokenizer_sha256": tokenizer.sha256, "train_manifest_sha256": train_data.manifest_sha256,
                "val_manifest_sha256": val_data.manifest_sha256}
+    extra = {"init_from": parent.record()} if parent is not None else {}
     remove_leftovers(paths.model)  # temp dirs of an export killed mid-write
     seed_everything(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
-    model = DecoderOnlyTransformer(model_config)
+    model = parent.load() if parent is not None else DecoderOnlyTransformer(model_config)
     try:
-        result, run = train(model, cfg, train_data, val_data, paths.checkpoints, model_config.to_dict(), lineage,
-                            live_dir=paths.metrics / "train")
+        result, run = train(model, cfg, train_data, val_data, paths.checkpoints, model_config.to_dict(),
+                            {**lineage, **extra}, live_dir=paths.metrics / "train")
     except TrainingInterrupted as stop:  # Ctrl-C / SIGTERM: saved at the current step; one line, 128 + signal
         print(f"train: {stop}", file=sys.stderr)
         raise SystemExit(stop.exit_code) from None
@@ -67,7 +76,7 @@ def main() -> None:
             write_model_dir(run.model.float(), paths.model, Path(paths.tokenizer) / TOKENIZER_FILE, Lineage(
                 **lineage, step=result.step, val_loss=result.val_loss, tokens_seen=result.tokens_seen,
                 seq_len=cfg.seq_len, checkpoint=result.last_checkpoint, best_checkpoint=result.best_checkpoint,
-                params={"model": model_config.to_dict(), "train": to_dict(params.train)},
+                params={"model": model_config.to_dict(), "train": to_dict(params.train)}, extra=extra,
             ))
             logging.info("train: step %d, val loss %.4f, %.0f tok/s, MFU %.1f%% → %s", result.step,
                          result.val_loss, result.tokens_per_second, 100 * result.mfu, paths.model)

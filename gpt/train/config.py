@@ -26,6 +26,9 @@ BOOKKEEPING_KEYS = frozenset(
 class TrainConfig:
     """Training loop knobs. Token counts are per optimizer step, summed over ranks and accumulation micro-steps."""
 
+    # a model directory (ours, or one from `gpt import`) to continue training from: its weights, its config (the
+    # model section must not contradict it) and its tokenizer (the tokenizer stage copies it); null = from scratch
+    init_from: str | None = None
     max_steps: int = 1000
     batch_size: int = 16  # windows per micro-batch per rank
     seq_len: int = 128

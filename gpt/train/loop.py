@@ -36,7 +36,7 @@ from gpt.train.distributed import DistInfo, all_reduce_sum, barrier, init_distri
 from gpt.train.metrics import TrainLogger, flops_per_token, peak_flops
 from gpt.train.optim import build_optimizer, lr_at, set_lr, wsd_decay_start
 from gpt.train.resume import choose_resume, fingerprint, run_identity
-from gpt.train.step import StepResult, train_step, validation_loss
+from gpt.train.step import Batch, LabeledWindows, StepResult, labeled_validation, train_step, validation_loss
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,12 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 class BatchSource(Protocol):
+    """Training data: `get_batch` returns windows [B, T+1] (or LabeledWindows); `iter_windows` yields the fixed
+    validation windows (tensors [T+1], or (window, labels) pairs). TokenShards (pretraining) and
+    gpt.sft.packing.PackedConversations (SFT) are the two sources."""
+
     def get_batch(self, step: int, batch_size: int, seq_len: int, seed: int, rank: int = 0,
-                  world_size: int = 1) -> torch.Tensor: ...
+                  world_size: int = 1) -> Batch: ...
 
     def iter_windows(self, seq_len: int, max_windows: int | None = None): ...
 
@@ -116,7 +120,7 @@ def wrap_for_training(run: Run) -> None:
     run.trained = trained
 
 
-def micro_batches(data: BatchSource, step: int, run: Run) -> list[torch.Tensor]:
+def micro_batches(data: BatchSource, step: int, run: Run) -> list[Batch]:
     """This rank's rows of the global batch of `step`, split into `accum` micro-batches."""
     cfg = run.cfg
     rows = data.get_batch(step, cfg.batch_size * run.accum, cfg.seq_len, cfg.seed, rank=run.info.rank,
@@ -124,12 +128,24 @@ def micro_batches(data: BatchSource, step: int, run: Run) -> list[torch.Tensor]:
     return list(rows.to(run.device, non_blocking=True).chunk(run.accum))
 
 
-def fixed_val_windows(data: BatchSource, cfg: TrainConfig, device: torch.device) -> torch.Tensor:
+def fixed_val_windows(data: BatchSource, cfg: TrainConfig, device: torch.device) -> Batch:
+    """The first eval_windows validation windows: a tensor [N, T+1], or LabeledWindows when the source yields
+    (window, labels) pairs (SFT)."""
     windows = list(data.iter_windows(cfg.seq_len, max_windows=cfg.eval_windows))
     if not windows:
         raise ValueError(f"validation split has fewer than {cfg.seq_len + 1} tokens: can't evaluate "
                          f"(lower train.seq_len or add text)")
+    if isinstance(windows[0], tuple):
+        return LabeledWindows(torch.stack([w for w, _ in windows]), torch.stack([lab for _, lab in windows])).to(device)
     return torch.stack(windows).to(device)
+
+
+def _validate(run: Run, val_windows: Batch) -> dict[str, float]:
+    """The periodic validation metrics: val/loss (and val/accuracy on labeled windows: assistant tokens in SFT)."""
+    if isinstance(val_windows, LabeledWindows):
+        scores = labeled_validation(run.trained, val_windows, run.precision, run.cfg.batch_size, run.info)
+        return {"val/loss": scores["loss"], "val/accuracy": scores["accuracy"]}
+    return {"val/loss": validation_loss(run.trained, val_windows, run.precision, run.cfg.batch_size, run.info)}
 
 
 def _save_checkpoint(run: Run, manager: CheckpointManager, step: int, tokens: int, val_loss: float,
@@ -256,9 +272,10 @@ def train(model: nn.Module, cfg: TrainConfig, train_data: BatchSource, val_data:
                            "tokens_per_s": tok_s, "mfu": mfu, "tokens": tokens}
                 metrics.update(_router_stats(run.model))
             if done % cfg.eval_every == 0 or is_ckpt:
-                val_loss = validation_loss(run.trained, val_windows, run.precision, cfg.batch_size, run.info)
+                scores = _validate(run, val_windows)
+                val_loss = scores["val/loss"]
                 best = min(best, val_loss)
-                metrics["val/loss"] = val_loss
+                metrics.update(scores)
             logger.log(done, metrics)
             bar.set_postfix(loss=f"{result.loss:.3f}", val=f"{val_loss:.3f}", tok_s=f"{tok_s:,.0f}")
             bar.update(1)
