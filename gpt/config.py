@@ -143,5 +143,7 @@ class PathsConfig:
     shards: Path = Path("data/shards")
     checkpoints: Path = Path("data/checkpoints")
     model: Path = Path("data/model")
+    conversations: Path = Path("data/conversations")  # your own SFT conversation files (sft_data.sources)
+    sft_data: Path = Path("data/sft")
     metrics: Path = Path("metrics")
 

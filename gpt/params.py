@@ -26,6 +26,7 @@ from gpt.data.prepare import PrepareConfig
 from gpt.data.tokenize import TokenizeConfig
 from gpt.eval import EvalConfig
 from gpt.model.config import PRESETS, ModelConfig, model_config_from_params
+from gpt.sft.config import SftDataConfig
 from gpt.tokenizer import TokenizerConfig
 from gpt.train.config import TrainConfig
 
@@ -84,6 +85,7 @@ class Params:
     model: ModelParams = dataclasses.field(default_factory=ModelParams)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     evaluate: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    sft_data: SftDataConfig = dataclasses.field(default_factory=SftDataConfig)
 
     def __post_init__(self) -> None:
         # checks that need two sections
