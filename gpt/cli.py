@@ -1,10 +1,12 @@
 """The `gpt` command: use a trained model from the terminal.
 
     gpt generate  stream a completion of a prompt (argument, --file, or stdin), print tokens/s at the end
+    gpt chat      multi-turn chat with a chat model in the terminal (streamed replies, /reset, /exit)
     gpt info      config, parameter count, tokenizer, lineage and size on disk of a model directory
     gpt serve     the web UI + OpenAI-compatible API (gpt/serve/)
     gpt quantize  INT8 / bf16 / fp16 copy of a model directory (gpt/quantize.py)
-    gpt export    Hugging Face directory (GPT-2/Llama/Qwen3/Mixtral/Qwen3-MoE, safetensors, tokenizer.json)
+    gpt export    Hugging Face directory (GPT-2/Llama/Qwen3/Mixtral/Qwen3-MoE, safetensors, tokenizer.json), or a
+                  GGUF file for llama.cpp / Ollama / LM Studio (--format gguf, gpt/gguf.py)
     gpt import    a local Hugging Face directory of those architectures → our model directory (gpt/hf_dir.py)
 
 `--checkpoint` defaults to `paths.model` from ./params.yaml (data/model), the train stage's output. `generate`
@@ -50,15 +52,17 @@ GENERATE_FLAGS = {"max_new_tokens": "--max-new-tokens/-m", "temperature": "--tem
                   "top_p": "--top-p", "seed": "--seed", "stop": "--stop", "prompt": "PROMPT"}
 
 
-def _default_checkpoint() -> Path:
-    """`paths.model` from ./params.yaml (validated like every stage does); data/model where there is none."""
+def _default_checkpoint(key: str = "model") -> Path:
+    """`paths.<key>` from ./params.yaml (validated like every stage does); data/model (data/chat-model for
+    `chat_model`) where there is none."""
     from gpt.config import PARAMS_FILE
 
+    fallback = Path("data/chat-model" if key == "chat_model" else "data/model")
     if not PARAMS_FILE.is_file():  # outside the project: the documented default
-        return Path("data/model")
+        return fallback
     from gpt.params import load_params
 
-    return load_params().paths.model
+    return Path(getattr(load_params().paths, key, fallback))
 
 
 def _positive_int(text: str) -> int:
@@ -103,6 +107,23 @@ def _add_generate(sub: Any) -> None:
     _add_threads(gen)
 
 
+def _add_chat(sub: Any) -> None:
+    chat = sub.add_parser("chat", help="chat with a chat model in the terminal",
+                          description="Multi-turn chat with a chat model (the sft stage's output): replies stream "
+                                      f"as they are generated; {CHAT_HELP}. When the conversation outgrows the "
+                                      "context, its oldest exchanges are dropped (with a notice).")
+    chat.add_argument("--checkpoint", "-c", type=Path, default=None, metavar="DIR",
+                      help="chat model directory; default: paths.chat_model from ./params.yaml (data/chat-model)")
+    chat.add_argument("--system", "-s", default=None, help="system prompt (kept across /reset)")
+    chat.add_argument("--max-new-tokens", "-m", type=int, default=256, help="longest reply (default: 256)")
+    chat.add_argument("--temperature", "-t", type=float, default=0.7, help="0 = greedy (default: 0.7)")
+    chat.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
+    chat.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold (default: 0.95)")
+    chat.add_argument("--seed", type=int, default=None, help="makes the replies reproducible")
+    chat.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    _add_threads(chat)
+
+
 def _add_info(sub: Any) -> None:
     info = sub.add_parser("info", help="describe a model directory",
                           description="Config, parameter count, tokenizer, lineage and size on disk.")
@@ -115,7 +136,7 @@ def _add_serve(sub: Any) -> None:
                            description="Serve the model over HTTP: web UI at /, OpenAI-style /v1/completions "
                                        "and /v1/models, /health. One generation at a time (FIFO queue).")
     _add_checkpoint(serve)
-    from gpt.serve.config import ServeConfig
+    from gpt.serve.config import API_KEY_ENV, ServeConfig
 
     d = ServeConfig()
     serve.add_argument("--host", default=d.host, help=f"bind address (default: {d.host}, this machine only)")
@@ -129,8 +150,23 @@ def _add_serve(sub: Any) -> None:
     serve.add_argument("--max-n", type=_positive_int, default=d.max_n, help="largest n allowed")
     serve.add_argument("--max-body-bytes", type=_positive_int, default=d.max_body_bytes)
     serve.add_argument("--max-queue", type=_positive_int, default=d.max_queue,
-                       help="requests that may wait for the generation worker; more get HTTP 503")
-    serve.add_argument("--device", default="cpu")
+                       help=f"requests that may wait for the generation worker; more get HTTP 503 + Retry-After "
+                            f"(default: {d.max_queue})")
+    serve.add_argument("--api-key", default=None,
+                       help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV}; unset = open)")
+    serve.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                       help="also answer requests whose Host header is NAME (repeatable; '*' = any). IP addresses "
+                            "and localhost are always accepted; other names are refused (DNS-rebinding guard)")
+    serve.add_argument("--max-connections", type=_positive_int, default=d.max_connections,
+                       help=f"open connections at most; more are answered 503 (default: {d.max_connections})")
+    serve.add_argument("--header-timeout", type=float, default=d.header_timeout,
+                       help=f"seconds a client has to send a request's headers (default: {d.header_timeout:g})")
+    serve.add_argument("--body-timeout", type=float, default=d.body_timeout,
+                       help=f"seconds a client has to send a request's body (default: {d.body_timeout:g})")
+    serve.add_argument("--drain-timeout", type=float, default=d.drain_timeout,
+                       help="on SIGTERM/Ctrl-C, seconds running requests may finish before they are cancelled "
+                            f"(default: {d.drain_timeout:g})")
+    serve.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     _add_threads(serve)
 
 
@@ -143,14 +179,19 @@ def _add_conversions(sub: Any) -> None:
                        help="int8: weight-only per-channel INT8 for CPU inference; bf16/fp16: half-size copies")
     quant.add_argument("--out", "-o", type=Path, required=True, help="output directory (must not exist)")
 
-    export = sub.add_parser("export", help="export to a Hugging Face directory",
-                            description="Write a directory that transformers' AutoModelForCausalLM and "
+    export = sub.add_parser("export", help="export to a Hugging Face directory or a GGUF file",
+                            description="hf: write a directory that transformers' AutoModelForCausalLM and "
                                         "AutoTokenizer load offline, as the transformers architecture that "
                                         "computes the same function (GPT-2, Llama, Qwen3, Mixtral or Qwen3-MoE; "
-                                        "presets without one, e.g. moe's shared expert, are refused).")
+                                        "presets without one, e.g. moe's shared expert, are refused). "
+                                        "gguf: write one .gguf file for llama.cpp / Ollama / LM Studio (gpt2, "
+                                        "llama, qwen3 or qwen3moe graph; vocabulary and chat template included).")
     _add_checkpoint(export)
-    export.add_argument("--format", required=True, choices=["hf"], help="hf: a transformers model directory")
-    export.add_argument("--out", "-o", type=Path, required=True, help="output directory (must not exist)")
+    export.add_argument("--format", required=True, choices=["hf", "gguf"],
+                        help="hf: a transformers model directory; gguf: a llama.cpp model file")
+    export.add_argument("--out", "-o", type=Path, required=True, help="output directory/file (must not exist)")
+    export.add_argument("--dtype", default=None, choices=["f32", "f16", "bf16", "q8_0", "q4_0"],
+                        help="gguf only: precision of the weight matrices (default f32)")
 
     imp = sub.add_parser("import", help="import a local Hugging Face model directory",
                          description="Convert a local Hugging Face GPT-2, Llama, Qwen3, Mixtral or Qwen3-MoE "
@@ -165,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gpt", description="Use a gpt-pipeline model: generate, inspect, serve, quantize, "
                                              "export to / import from Hugging Face.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_generate, _add_info, _add_serve, _add_conversions):
+    for add in (_add_generate, _add_chat, _add_info, _add_serve, _add_conversions):
         add(sub)
     return parser
 
@@ -210,6 +251,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except GenerationInputError as err:
         raise _usage_error(err) from None
     prompt = _read_prompt(args)
+    _check_device(args.device)
     loaded = load(args.checkpoint, device=args.device)
     try:
         encoded = encode_prompt(loaded.tokenizer, prompt, loaded.max_seq_len)
@@ -238,6 +280,85 @@ def cmd_generate(args: argparse.Namespace) -> int:
     rate = total_tokens / total_seconds if total_seconds > 0 else float("nan")
     print(f"[{total_tokens} tokens in {total_seconds:.2f} s: {rate:.1f} tokens/s]", file=sys.stderr)
     return 0
+
+
+CHAT_HELP = "/reset starts a new conversation, /exit or Ctrl-D quits, Ctrl-C stops a reply"
+
+
+def _chat_reply(loaded: Any, template: Any, prompt_ids: list[int], spec: Any, gen: Any) -> tuple[str, str]:
+    """Stream one assistant turn to stdout; Ctrl-C stops it (finish reason "interrupted"). Returns (text, finish)."""
+    from gpt.generate import stream_chat
+
+    pieces, finish = [], "length"
+    stream = stream_chat(loaded.model, template, prompt_ids, spec, gen)
+    try:
+        for delta in stream:
+            sys.stdout.write(delta.text)
+            sys.stdout.flush()
+            pieces.append(delta.text)
+            finish = delta.finish_reason or finish
+    except KeyboardInterrupt:
+        finish = "interrupted"
+    finally:
+        stream.close()
+    sys.stdout.write("\n")
+    return "".join(pieces), finish
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from gpt.chat import ChatTemplate
+    from gpt.generate import GenerationInputError, SamplingSpec, make_generator, trim_chat
+    from gpt.model_dir import load
+
+    with contextlib.suppress(ImportError):
+        import readline  # noqa: F401  (line editing and history for input())
+    try:  # checked before the model loads: a bad value fails at once
+        spec = SamplingSpec(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed)
+    except GenerationInputError as err:
+        raise _usage_error(err) from None
+    loaded = load(args.checkpoint, device=args.device)
+    template = ChatTemplate(loaded.tokenizer)  # a tokenizer without the chat tokens fails here, in one line
+    gen = make_generator(spec.seed, next(loaded.model.parameters()).device)
+    # room for a reply, but never less than half the context for the conversation
+    budget = loaded.max_seq_len - min(spec.max_new_tokens, loaded.max_seq_len // 2)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict[str, str]] = []
+    print(f"chatting with {loaded.name} ({loaded.max_seq_len}-token context); {CHAT_HELP}", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:  # Ctrl-D
+            sys.stdout.write("\n")
+            return 0
+        if line in ("/exit", "/quit"):
+            return 0
+        if line == "/reset":
+            history = []
+            print("[new conversation]", file=sys.stderr)
+            continue
+        if not line or line.startswith("/"):
+            if line:
+                print(f"[unknown command {line}: {CHAT_HELP}]", file=sys.stderr)
+            continue
+        try:
+            prompt = trim_chat(template, system + history + [{"role": "user", "content": line}], budget)
+        except GenerationInputError as err:
+            print(f"gpt chat: error: {err.field}: {err.reason}", file=sys.stderr)
+            continue
+        if prompt.num_dropped:
+            print(f"[history trimmed: the {prompt.num_dropped} oldest messages no longer fit the "
+                  f"{loaded.max_seq_len}-token context]", file=sys.stderr)
+            history = history[prompt.num_dropped:]
+        sys.stdout.write("assistant> ")
+        sys.stdout.flush()
+        reply, finish = _chat_reply(loaded, template, prompt.ids, spec, gen)
+        if finish == "interrupted":
+            print("[reply stopped]", file=sys.stderr)
+        elif finish == "length":
+            print(f"[reply cut at --max-new-tokens {spec.max_new_tokens}]", file=sys.stderr)
+        if reply.strip():  # an empty (stopped) reply leaves the user's message unanswered: forget both
+            history += [{"role": "user", "content": line}, {"role": "assistant", "content": reply}]
 
 
 def _print_info(info: dict[str, Any]) -> None:
@@ -278,22 +399,66 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+def _check_device(device: str) -> None:
+    """A --device torch can use on this machine, or one line saying why not (before any model loads)."""
+    import torch
 
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise UsageError(f"--device: {device!r} is not a torch device (cpu, cuda, cuda:1, mps)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: CUDA is not available here (torch {torch.__version__}); "
+                         "use --device cpu, or install a CUDA build of torch on a machine with a GPU")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {device}: MPS is not available here; use --device cpu")
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from gpt.config import ConfigError
     from gpt.model_dir import load
     from gpt.serve.app import create_app
-    from gpt.serve.config import ServeConfig
+    from gpt.serve.config import API_KEY_ENV, ServeConfig
+    from gpt.serve.server import bind_socket, make_server, serve_on
 
-    cfg = ServeConfig(host=args.host, port=args.port, max_prompt_tokens=args.max_prompt_tokens,
-                      max_tokens=args.max_tokens, max_n=args.max_n,
-                      default_max_tokens=args.default_max_tokens or min(args.max_tokens, ServeConfig.default_max_tokens),
-                      max_body_bytes=args.max_body_bytes, max_queue=args.max_queue)
-    loaded = load(args.checkpoint, device=args.device, name=args.name)
-    app = create_app(loaded, cfg)
-    print(f"serving {loaded.name} from {loaded.directory} on http://{cfg.host}:{cfg.port}/ "
-          "(web UI at /, API at /v1)", file=sys.stderr)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    try:
+        cfg = ServeConfig(host=args.host, port=args.port, max_prompt_tokens=args.max_prompt_tokens,
+                          max_tokens=args.max_tokens, max_n=args.max_n,
+                          default_max_tokens=args.default_max_tokens
+                          or min(args.max_tokens, ServeConfig.default_max_tokens),
+                          max_body_bytes=args.max_body_bytes, max_queue=args.max_queue, api_key=api_key,
+                          allowed_hosts=tuple(args.allow_host), max_connections=args.max_connections,
+                          header_timeout=args.header_timeout, body_timeout=args.body_timeout,
+                          drain_timeout=args.drain_timeout)
+    except ConfigError as err:
+        raise UsageError(str(err).replace("serve.", "--").replace("_", "-")) from None
+    _check_device(args.device)
+    sock = bind_socket(cfg.host, cfg.port)  # a taken port fails now, in one line, before the model loads
+    try:
+        loaded = load(args.checkpoint, device=args.device, name=args.name)
+        server = make_server(create_app(loaded, cfg), cfg)
+        host, port = sock.getsockname()[:2]
+        shown = f"[{host}]" if ":" in host else host
+        if not _is_loopback(cfg.host) and not cfg.api_key:
+            print(f"gpt serve: warning: listening on {cfg.host} without an API key: anyone who can reach port "
+                  f"{port} can use this server (set --api-key or ${API_KEY_ENV})", file=sys.stderr)
+        print(f"serving {loaded.name} from {loaded.directory} on http://{shown}:{port}/ "
+              "(web UI at /, API at /v1)", file=sys.stderr, flush=True)
+        serve_on(server, sock)
+    finally:
+        sock.close()
     return 0
 
 
@@ -306,6 +471,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.format == "gguf":
+        from gpt.gguf import export_gguf
+
+        out = export_gguf(args.checkpoint, args.out, args.dtype or "f32")
+        print(f"wrote GGUF model to {out} (llama-cli -m {out} / llama-server -m {out}; README: llama.cpp / Ollama)")
+        return 0
+    if args.dtype is not None:
+        raise UsageError("--dtype is for --format gguf (the hf export keeps the model's precision)")
     from gpt.hf_dir import export_hf
 
     out = export_hf(args.checkpoint, args.out)
@@ -321,13 +494,13 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "info": cmd_info, "serve": cmd_serve, "quantize": cmd_quantize,
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "serve": cmd_serve, "quantize": cmd_quantize,
             "export": cmd_export, "import": cmd_import}
 
 
 def _run(args: argparse.Namespace) -> int:
     if getattr(args, "checkpoint", "unset") is None:
-        args.checkpoint = _default_checkpoint()
+        args.checkpoint = _default_checkpoint("chat_model" if args.command == "chat" else "model")
     if getattr(args, "threads", None):
         import torch
 

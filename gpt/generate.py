@@ -253,14 +253,17 @@ def _eos_id(tokenizer: Any) -> int | None:
 
 def stream_completion(model: Any, tokenizer: Any, prompt_ids: Sequence[int], spec: SamplingSpec,
                       generator: torch.Generator | None = None,
-                      cancelled: Callable[[], bool] = lambda: False) -> Iterator[Delta]:
+                      cancelled: Callable[[], bool] = lambda: False,
+                      stop_ids: Sequence[int] | None = None) -> Iterator[Delta]:
     """Generate one completion of `prompt_ids` (from `encode_prompt`), yielding text deltas; the last delta carries
     the finish reason. `generator` defaults to one seeded from `spec.seed`; pass one to draw several samples from
-    one seeded sequence. `cancelled` is polled between tokens (a server's client went away)."""
+    one seeded sequence. `cancelled` is polled between tokens (a server's client went away). `stop_ids`: the tokens
+    that end the completion without being part of it (default: the tokenizer's EOS; a chat turn adds `<|end|>`)."""
     device = next(model.parameters()).device
     generator = generator if generator is not None else make_generator(spec.seed, device)
     input_ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
     eos = _eos_id(tokenizer)
+    stops = set(stop_ids) if stop_ids is not None else ({eos} if eos is not None else set())
     text = TextStream(tokenizer, prompt_ids, spec.stop)
     finish, pending, sent = "length", "", 0
 
@@ -268,7 +271,8 @@ def stream_completion(model: Any, tokenizer: Any, prompt_ids: Sequence[int], spe
         nonlocal sent
         ids, sent = text.ids[sent:], len(text.ids)
         return ids
-    steps = model.stream(input_ids, eos_token_id=eos, generator=generator, **spec.model_kwargs())
+    steps = model.stream(input_ids, eos_token_id=sorted(stops) or None, generator=generator,
+                         **spec.model_kwargs())
     try:
         with torch.inference_mode():
             for step in steps:
@@ -276,8 +280,9 @@ def stream_completion(model: Any, tokenizer: Any, prompt_ids: Sequence[int], spe
                     finish = "cancelled"
                     break
                 ids = _token_ids(step)
-                if eos is not None and eos in ids:
-                    ids = ids[:ids.index(eos)]
+                hit = next((k for k, token in enumerate(ids) if token in stops), None)
+                if hit is not None:
+                    ids = ids[:hit]
                     finish = "stop"
                 delta = text.push(ids) if ids else ""
                 if text.stopped:
@@ -319,3 +324,89 @@ def generate_text(model: Any, tokenizer: Any, prompt: str, spec: SamplingSpec,
         ids += delta.token_ids
         finish = delta.finish_reason or finish
     return Completion("".join(pieces), finish, len(encoded.ids), ids)
+
+
+# ---------------------------------------------------------------- chat turns
+# A chat turn is a completion of the conversation rendered by gpt.chat.ChatTemplate (the one definition of the chat
+# format) that ends at `<|end|>` (or EOS). `gpt chat`, /v1/chat/completions and the web UI's chat mode come here.
+@dataclasses.dataclass(frozen=True)
+class ChatPrompt:
+    """A conversation rendered to ask for the next assistant turn: `ids` = ChatTemplate.render_prompt(messages);
+    `num_dropped` earliest messages were left out to fit the context (`trim_chat`)."""
+
+    ids: list[int]
+    messages: list[Any]  # gpt.chat.Message, as rendered
+    num_dropped: int = 0
+
+
+def _chat_messages(raw: Any) -> list[Any]:
+    """Validated messages (gpt.chat.parse_messages); a bad one is a GenerationInputError naming it."""
+    from gpt.chat import ChatFormatError, Message, parse_messages
+
+    if isinstance(raw, list):  # Message objects (a ChatPrompt's) as well as {role, content} mappings
+        raw = [dataclasses.asdict(m) if isinstance(m, Message) else m for m in raw]
+    try:
+        messages = parse_messages(raw)
+    except ChatFormatError as err:
+        field, _, reason = str(err).partition(": ")
+        raise GenerationInputError(field, reason) from None
+    if messages[-1].role != "user":
+        raise GenerationInputError("messages", "the last message must be the user's (the assistant answers it)")
+    for i, message in enumerate(messages):
+        try:
+            message.content.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise GenerationInputError(f"messages[{i}].content", f"is not valid Unicode text (lone surrogate "
+                                       f"U+{ord(message.content[err.start]):04X})") from None
+    return messages
+
+
+def encode_chat(template: Any, messages: Any) -> ChatPrompt:
+    """Validate `messages` (a list of {role, content}, ending with the user's) and render the prompt of the next
+    assistant turn. Callers that must refuse long conversations compare `len(ids)` with their limit."""
+    checked = _chat_messages(messages)
+    return ChatPrompt(template.render_prompt(checked), checked)
+
+
+def trim_chat(template: Any, messages: Any, max_prompt_tokens: int) -> ChatPrompt:
+    """Like `encode_chat`, but drop the oldest user/assistant exchanges (the system message and the last user
+    message stay) until the prompt has at most `max_prompt_tokens` tokens. Even the last message alone too
+    long → GenerationInputError("messages")."""
+    checked = _chat_messages(messages)
+    system, body = (checked[:1], checked[1:]) if checked[0].role == "system" else ([], checked)
+    for dropped in range(0, len(body), 2):  # body alternates user, assistant, ..., user
+        ids = template.render_prompt(system + body[dropped:])
+        if len(ids) <= max_prompt_tokens:
+            return ChatPrompt(ids, system + body[dropped:], dropped)
+    raise GenerationInputError("messages", f"the last message needs {len(ids)} tokens with the system prompt; "
+                                           f"the context leaves room for {max_prompt_tokens}")
+
+
+def chat_stop_ids(template: Any) -> list[int]:
+    """A chat turn ends at `<|end|>`; EOS (where documents end) ends it too."""
+    eos = _eos_id(template.tokenizer)
+    return [*template.stop_ids, *([eos] if eos is not None else [])]
+
+
+def stream_chat(model: Any, template: Any, prompt_ids: Sequence[int], spec: SamplingSpec,
+                generator: torch.Generator | None = None,
+                cancelled: Callable[[], bool] = lambda: False) -> Iterator[Delta]:
+    """Stream the assistant's turn after `prompt_ids` (from `encode_chat`/`trim_chat`) as `stream_completion` does,
+    ending (finish reason "stop") at `<|end|>` or EOS, which are not part of the text."""
+    return stream_completion(model, template.tokenizer, prompt_ids, spec, generator, cancelled,
+                             stop_ids=chat_stop_ids(template))
+
+
+def generate_chat(model: Any, template: Any, messages: Any, spec: SamplingSpec,
+                  generator: torch.Generator | None = None) -> Completion:
+    """The assistant's next turn in one call; a conversation over the context is refused (see `trim_chat`)."""
+    prompt = encode_chat(template, messages)
+    limit = int(model.config.max_seq_len) - 1
+    if len(prompt.ids) > limit:
+        raise GenerationInputError("messages", f"{len(prompt.ids)} tokens, the context holds {limit}")
+    pieces, finish, ids = [], "length", []
+    for delta in stream_chat(model, template, prompt.ids, spec, generator):
+        pieces.append(delta.text)
+        ids += delta.token_ids
+        finish = delta.finish_reason or finish
+    return Completion("".join(pieces), finish, len(prompt.ids), ids)
