@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -213,10 +213,11 @@ def write_lineage(directory: str | Path, lineage: Lineage) -> Path:
 
 # ---------------------------------------------------------------- the whole directory
 def write_model_dir(model: DecoderOnlyTransformer, directory: str | Path, tokenizer_file: str | Path,
-                    lineage: Lineage) -> Path:
+                    lineage: Lineage, add_files: Callable[[Path], Any] | None = None) -> Path:
     """Write the model directory: weights, config, a copy of the tokenizer model file (so the directory is
     self-contained) and lineage.json. Built beside `directory` and swapped in whole, so a reader never sees a mix
-    of two runs; returns it."""
+    of two runs; returns it. `add_files(tmp_dir)` writes extra files owned by its caller into the directory before
+    the swap (the SFT stage's LoRA adapter, gpt/sft/lora.py)."""
     directory = Path(directory)
     remove_stale_temps(directory.parent, directory.name)  # leftovers of a writer that was killed
     tokenizer = Tokenizer.load(tokenizer_file)
@@ -224,6 +225,8 @@ def write_model_dir(model: DecoderOnlyTransformer, directory: str | Path, tokeni
         save_model(model, tmp, metadata={"step": lineage.step, "val_loss": lineage.val_loss})
         (tmp / TOKENIZER_FILE).write_bytes(tokenizer.model_bytes)
         write_lineage(tmp, lineage)
+        if add_files is not None:
+            add_files(tmp)
     return directory
 
 
