@@ -15,11 +15,13 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export MALLOC_MMAP_THRESHOLD_ := 4294967296
 export MALLOC_TRIM_THRESHOLD_ := 68719476736
 
-.PHONY: setup repro test test-slow test-all lint bench clean system-deps repro-deps test-deps
+.PHONY: setup repro test test-slow test-all lint bench clean system-deps repro-deps test-deps slow-test-deps
 
 # apertium: the default augment backend (offline MT). The tests also use the FreeDict dictionary and a browser.
 REPRO_PACKAGES ?= apertium apertium-eng-spa
 TEST_PACKAGES  ?= $(REPRO_PACKAGES) dict-freedict-eng-ind chromium
+# the slow tests compile llama.cpp (llama-cpp-python builds it from source at install time)
+SLOW_TEST_PACKAGES ?= $(TEST_PACKAGES) cmake g++
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,11 +34,20 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
 
 setup: $(VENV)/.installed
 
+# llama.cpp for the GGUF parity tests (tests/test_gguf.py) and bench/bench_llamacpp.py: a C++ build of several
+# minutes on 2 cores the first time (pip caches the wheel), so only the slow tests ask for it
+$(VENV)/.llamacpp: $(VENV)/.installed
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install -c constraints.txt -e ".[llamacpp]"
+	touch $@
+
 repro-deps:
 	@tools/system-deps.sh $(REPRO_PACKAGES)
 
 test-deps:
 	@tools/system-deps.sh $(TEST_PACKAGES)
+
+slow-test-deps:
+	@tools/system-deps.sh $(SLOW_TEST_PACKAGES)
 
 repro: repro-deps setup
 	$(BIN)/python -m gpt.data.check_raw
@@ -48,10 +59,10 @@ test test-slow test-all: export OMP_NUM_THREADS ?= 1
 test: test-deps setup
 	$(BIN)/python -m pytest -m "not slow" -q
 
-test-slow: test-deps setup
+test-slow: slow-test-deps setup $(VENV)/.llamacpp
 	$(BIN)/python -m pytest -m slow -q
 
-test-all: test-deps setup
+test-all: slow-test-deps setup $(VENV)/.llamacpp
 	$(BIN)/python -m pytest -q
 
 lint: setup
