@@ -254,17 +254,19 @@ def _eos_id(tokenizer: Any) -> int | None:
 def stream_completion(model: Any, tokenizer: Any, prompt_ids: Sequence[int], spec: SamplingSpec,
                       generator: torch.Generator | None = None,
                       cancelled: Callable[[], bool] = lambda: False,
-                      stop_ids: Sequence[int] | None = None) -> Iterator[Delta]:
+                      stop_ids: Sequence[int] | None = None, continues_prompt: bool = True) -> Iterator[Delta]:
     """Generate one completion of `prompt_ids` (from `encode_prompt`), yielding text deltas; the last delta carries
     the finish reason. `generator` defaults to one seeded from `spec.seed`; pass one to draw several samples from
     one seeded sequence. `cancelled` is polled between tokens (a server's client went away). `stop_ids`: the tokens
-    that end the completion without being part of it (default: the tokenizer's EOS; a chat turn adds `<|end|>`)."""
+    that end the completion without being part of it (default: the tokenizer's EOS; a chat turn adds `<|end|>`).
+    `continues_prompt=False`: the completion is a text of its own, decoded without the prompt in front (a chat
+    turn: its content is encoded alone, and its first piece's dummy-prefix space is not part of the text)."""
     device = next(model.parameters()).device
     generator = generator if generator is not None else make_generator(spec.seed, device)
     input_ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
     eos = _eos_id(tokenizer)
     stops = set(stop_ids) if stop_ids is not None else ({eos} if eos is not None else set())
-    text = TextStream(tokenizer, prompt_ids, spec.stop)
+    text = TextStream(tokenizer, prompt_ids if continues_prompt else [], spec.stop)
     finish, pending, sent = "length", "", 0
 
     def new_ids() -> list[int]:
@@ -394,7 +396,7 @@ def stream_chat(model: Any, template: Any, prompt_ids: Sequence[int], spec: Samp
     """Stream the assistant's turn after `prompt_ids` (from `encode_chat`/`trim_chat`) as `stream_completion` does,
     ending (finish reason "stop") at `<|end|>` or EOS, which are not part of the text."""
     return stream_completion(model, template.tokenizer, prompt_ids, spec, generator, cancelled,
-                             stop_ids=chat_stop_ids(template))
+                             stop_ids=chat_stop_ids(template), continues_prompt=False)
 
 
 def generate_chat(model: Any, template: Any, messages: Any, spec: SamplingSpec,
