@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Params overrides per section, so the whole pipeline runs in well under a minute on 2 cores.
 SHRINK: dict[str, dict] = {
     "prepare": {"sources": [{"kind": "builtin", "max_documents": 80}, {"kind": "files"}], "split": {"val_fraction": 0.15}},
+    "sft_data": {"tasks": {"per_task": 20, "heldout_per_task": 5}, "docqa": {"max_items": 100}},
     "tokenizer": {"vocab_size": 512},
     "tokenize": {"shard_tokens": 8192},
     # D: train/evaluate — a 2-layer model, 30 steps
@@ -35,7 +36,7 @@ SHRINK: dict[str, dict] = {
     "evaluate": {"max_windows": 20, "max_new_tokens": 8, "prompts": ["The"]},
 }
 # Stages whose outputs must be bit-identical when re-run (their metrics too, except files listed as timed).
-DETERMINISTIC_STAGES = ["prepare", "tokenizer", "tokenize"]
+DETERMINISTIC_STAGES = ["prepare", "sft_data", "tokenizer", "tokenize"]
 TIMED_OUTPUTS = {"metrics/tokenize.json"}  # holds throughput
 
 CHECKS: dict[str, Callable[[Path, dict, dict], None]] = {}
@@ -63,6 +64,18 @@ def _check_prepare(project: Path, metrics: dict, params: dict) -> None:
     assert metrics["documents_out"] == count_rows(project / params["paths"]["cleaned"]) > 0
     assert metrics["splits"]["train"]["documents"] > 0 and metrics["splits"]["val"]["documents"] > 0
     assert metrics["documents_in"] == params["prepare"]["sources"][0]["max_documents"]
+
+
+@check("sft_data")
+def _check_sft_data(project: Path, metrics: dict, params: dict) -> None:
+    from gpt.sft.data import HELDOUT_FILE, read_heldout, split_path
+
+    sft_dir = project / params["paths"]["sft_data"]
+    for split in ("train", "val"):
+        assert sum(1 for _ in open(split_path(sft_dir, split), encoding="utf-8")) == metrics["conversations"][split]
+    assert metrics["conversations"]["train"] > 0 and metrics["by_source"]["docqa"] > 0
+    tasks = params["sft_data"]["tasks"]
+    assert len(read_heldout(sft_dir / HELDOUT_FILE)) == metrics["heldout"] == 5 * len(tasks["names"])
 
 
 @check("tokenizer")
