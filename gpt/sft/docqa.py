@@ -101,7 +101,9 @@ def summary(doc: str, max_chars: int) -> str | None:
     answer = sentences[0]
     if len(answer) < 40 and len(sentences) > 1:
         answer = f"{answer} {sentences[1]}"
-    if not MIN_SUMMARY_CHARS <= len(answer) <= max_chars or not re.search(r"[A-Za-z]{3}", answer):
+    if not MIN_SUMMARY_CHARS <= len(answer) <= max_chars or len(answer.split()) < 3:
+        return None
+    if not re.match(r"[A-Za-z`'\"]", answer):  # "(typ, [data]) = ...", "**DEPRECATED**": not prose
         return None
     return answer if answer[-1] in ".!?" else answer + "."
 
