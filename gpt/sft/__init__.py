@@ -7,4 +7,6 @@
 - `docqa.py`   questions about the built-in corpus's documented functions, answered from their docstrings
 - `build.py`   the `sft_data` stage's work: all sources → deduplicated, split, written files + metrics
 - `config.py`  params.yaml `sft_data:`
+- `packing.py`, `train.py`, `lora.py`, `chat_eval.py`  the `sft` and `chat_eval` stages' work: conversations
+               packed into windows, fine-tuning (full or LoRA), held-out scores (see each module)
 """
