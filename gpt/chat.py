@@ -15,12 +15,13 @@ A conversation renders as
   `<|end|>` (`stop_ids`).
 
 Every consumer — SFT data packing, `gpt chat`, `/v1/chat/completions`, the web UI's chat mode, the HF export's chat
-template — goes through `ChatTemplate`, so there is one definition of the format.
+template (`to_jinja`) — goes through `ChatTemplate`, so there is one definition of the format.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -119,6 +120,22 @@ class ChatTemplate:
         """Ids that ask for the next assistant turn: the conversation so far, then `<|assistant|>`."""
         ids, _ = self.render(messages)
         return ids + [self.role_ids["assistant"]]
+
+    def to_jinja(self) -> str:
+        """The same format as a Hugging Face chat template (tokenizer_config.json `chat_template`): with the
+        exported tokenizer, `apply_chat_template(messages, add_generation_prompt=True)` gives `render_prompt`'s ids
+        and `return_assistant_tokens_mask=True` gives `render`'s mask ({% generation %} marks what is learned).
+        The pieces are written as literals so transformers' `sanitize_control_tokens` recognises them."""
+        piece = {name: json.dumps(self.tokenizer.id_to_piece(i)) for name, i in
+                 (("start", self.start_id), ("end", self.end_id), *self.role_ids.items())}
+        turns = "".join(
+            f"{{%- {'if' if i == 0 else 'elif'} message['role'] == '{role}' -%}}{{{{- {piece[role]} -}}}}"
+            + ("{%- generation -%}{{- message['content'] + " + piece["end"] + " -}}{%- endgeneration -%}"
+               if role == "assistant" else "{{- message['content'] + " + piece["end"] + " -}}")
+            for i, role in enumerate(ROLES))
+        return ("{{- " + piece["start"] + " -}}{%- for message in messages -%}" + turns
+                + "{%- else -%}{{- raise_exception('unknown role: ' + message['role']) -}}{%- endif -%}"
+                + "{%- endfor -%}{%- if add_generation_prompt -%}{{- " + piece["assistant"] + " -}}{%- endif -%}")
 
 
 def _as_messages(messages: Iterable[Message | Mapping[str, Any]]) -> list[Message]:

@@ -212,6 +212,16 @@ def _special_tokens(spm_tokenizer: Any) -> dict[str, str]:
     return names
 
 
+def _chat_template(spm_tokenizer: Any) -> str | None:
+    """gpt.chat's format as a Jinja chat template; None for a tokenizer without the chat tokens."""
+    from gpt.chat import ChatFormatError, ChatTemplate
+
+    try:
+        return ChatTemplate(spm_tokenizer).to_jinja()
+    except ChatFormatError:
+        return None
+
+
 # ---------------------------------------------------------------- directories
 _EXPORTABLE = ("GPT-2 blocks (layernorm, learned positions, gelu) -> GPT-2; rope+rmsnorm+swiglu -> Llama, "
                "with qk_norm -> Qwen3; MoE without a shared expert -> Mixtral, with qk_norm -> Qwen3-MoE")
@@ -252,14 +262,19 @@ def export_hf(src: str | Path, out: str | Path) -> Path:
         raise ExportError(f"{src}: cannot export to Hugging Face: {err}. Exportable: {_EXPORTABLE} "
                           f"(presets: {', '.join(exportable_presets())})") from None
     hf_model = to_hf(model, bos_token_id=spm_tok.bos_id, eos_token_id=spm_tok.eos_id)
+    # Special-token strings in text are matched as the special tokens (transformers' default): the chat template
+    # writes "<|user|>", "</s>"... as text, so apply_chat_template needs that. Plain text that must stay text (as
+    # sentencepiece keeps it) is encoded with split_special_tokens=True; untrusted chat content with
+    # apply_chat_template(..., sanitize_control_tokens=True).
     fast = PreTrainedTokenizerFast(tokenizer_object=build_hf_tokenizer(spm_tok.model_bytes),
-                                   model_max_length=model.config.max_seq_len, split_special_tokens=True,
+                                   model_max_length=model.config.max_seq_len, split_special_tokens=False,
+                                   chat_template=_chat_template(spm_tok),
                                    **_special_tokens(spm_tok))
 
     lineage = read_lineage(src)
     with create_new_dir(out, ExportError) as tmp:
         hf_model.save_pretrained(tmp)
-        fast.save_pretrained(tmp)
+        fast.save_pretrained(tmp, save_jinja_files=False)  # chat_template in tokenizer_config.json (4.x reads it)
         if lineage is not None:
             write_lineage(tmp, lineage)
     return Path(out)

@@ -139,8 +139,10 @@ class HFTokenizer:
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         config_path = self.path.parent / HF_TOKENIZER_CONFIG_FILE
         config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
-        # like transformers' split_special_tokens: "<s>" typed in a prompt is text, not the control token
-        self._tok.encode_special_tokens = bool(config.get("split_special_tokens", False))
+        # text is text, as with our sentencepiece models: "<s>" or "<|end|>" typed in a prompt never becomes the
+        # control token (special tokens are inserted by id: the start token, gpt.chat). transformers matches them
+        # unless split_special_tokens is set, which chat templates rely on (gpt/hf_dir.py export).
+        self._tok.encode_special_tokens = True
         self.bos_id = self._special_id(config.get("bos_token"), ["<|endoftext|>", "<s>"])
         self.eos_id = self._special_id(config.get("eos_token"), ["<|endoftext|>", "</s>"])
         self.pad_id = self._special_id(config.get("pad_token"), [])

@@ -71,7 +71,9 @@ def test_transformers_loads_the_export_and_agrees(hf_dir, tiny_model_dir):
     hf_tok = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
     ours, tok = load_model(tiny_model_dir), Tokenizer.load(tiny_model_dir)
     for text in STRINGS:
-        assert hf_tok(text, add_special_tokens=False)["input_ids"] == tok.encode(text), text
+        # split_special_tokens: special strings stay text, as in sentencepiece (the export's default matches them,
+        # which its chat template needs: tests/test_chat_export.py)
+        assert hf_tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] == tok.encode(text), text
     assert (hf_tok.bos_token_id, hf_tok.eos_token_id) == (tok.bos_id, tok.eos_id)
     assert_same_model(hf_model, ours, tok)
 
