@@ -145,5 +145,6 @@ class PathsConfig:
     model: Path = Path("data/model")
     conversations: Path = Path("data/conversations")  # your own SFT conversation files (sft_data.sources)
     sft_data: Path = Path("data/sft")
+    chat_model: Path = Path("data/chat-model")  # the sft stage's output: the fine-tuned (chat) model directory
     metrics: Path = Path("metrics")
 

@@ -27,6 +27,7 @@ from gpt.data.tokenize import TokenizeConfig
 from gpt.eval import EvalConfig
 from gpt.model.config import PRESETS, ModelConfig, model_config_from_params
 from gpt.sft.config import SftDataConfig
+from gpt.sft.train import SftConfig
 from gpt.tokenizer import TokenizerConfig
 from gpt.train.config import TrainConfig
 
@@ -86,6 +87,7 @@ class Params:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     evaluate: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     sft_data: SftDataConfig = dataclasses.field(default_factory=SftDataConfig)
+    sft: SftConfig = dataclasses.field(default_factory=SftConfig)
 
     def __post_init__(self) -> None:
         # checks that need two sections
