@@ -59,7 +59,6 @@ def test_packing_keeps_conversations_whole_and_labels_only_assistant_tokens(work
     for ids, labs in rendered[:5]:  # each short conversation appears whole, contiguous, with its own labels
         assert any(any(w[i:i + len(ids)] == ids and lab[i:i + len(ids)] == labs for i in range(33 - len(ids)))
                    for w, lab in flat)
-        _, mask = template.render(rows[0]["messages"])
     ids, mask = template.render(rows[0]["messages"])
     labs = render_labeled(template, rows[0]["messages"])[1]
     assert [lab != IGNORE_INDEX for lab in labs] == [bool(m) for m in mask]
