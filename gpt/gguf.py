@@ -239,7 +239,8 @@ def _add_hparams(writer: Any, config: ModelConfig, arch: str) -> None:
     writer.add_context_length(config.max_seq_len)
     writer.add_embedding_length(config.d_model)
     writer.add_block_count(config.n_layers)
-    writer.add_feed_forward_length(config.resolved_d_ff)
+    # every layer of an exported MoE is MoE; llama's (Mixtral) graph sizes its experts by feed_forward_length
+    writer.add_feed_forward_length(config.resolved_moe_d_ff if config.moe_n_experts else config.resolved_d_ff)
     writer.add_head_count(config.n_heads)
     writer.add_head_count_kv(config.kv_heads)
     writer.add_vocab_size(config.vocab_size)

@@ -269,7 +269,13 @@ def _default_model_dir() -> Path:
     return directory
 
 
-@pytest.fixture(scope="module", params=["default", "tiny", "qwen3-style", "llama-style"])
+# the presets' llama.cpp twins: llama-style = qwen3-style without QK-norm; qwen3moe / mixtral = hybrid with MoE in
+# every layer (with / without QK-norm)
+VARIANTS = {"llama-style": ("qwen3-style", {"qk_norm": False}), "qwen3moe": ("hybrid", {"moe_every": 1}),
+            "mixtral": ("hybrid", {"moe_every": 1, "qk_norm": False})}
+
+
+@pytest.fixture(scope="module", params=["default", "tiny", "qwen3-style", "llama-style", "qwen3moe", "mixtral"])
 def exported(request, varied_tokenizer, tmp_path_factory):
     """(model dir, f32 gguf, q8_0 gguf): the pipeline's trained model, and a briefly trained small model of each
     llama.cpp graph we write."""
@@ -277,8 +283,7 @@ def exported(request, varied_tokenizer, tmp_path_factory):
     if request.param == "default":
         src = _default_model_dir()
         return src, export_gguf(src, root / "f32.gguf"), export_gguf(src, root / "q8_0.gguf", "q8_0")
-    preset, overrides = {"llama-style": ("qwen3-style", {"qk_norm": False})}.get(request.param,
-                                                                                 (request.param, {}))
+    preset, overrides = VARIANTS.get(request.param, (request.param, {}))
     src = preset_dir(varied_tokenizer, root, preset, **overrides)
     _train_briefly(src, varied_tokenizer)
     return src, export_gguf(src, root / "f32.gguf"), export_gguf(src, root / "q8_0.gguf", "q8_0")
