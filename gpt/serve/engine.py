@@ -5,7 +5,8 @@ gpt/generate.py; this module only decides when each one runs.
 Why one worker and a queue (not a lock per request, not batching): on a CPU a single batch-1 decode already uses
 every core, so two generations at once only thrash each other; a FIFO queue keeps arrival order, a bounded
 queue turns overload into an immediate "busy" answer instead of an unbounded pile-up, and a cancelled request
-(client went away) is dropped from the queue or stopped between two tokens.
+(client went away) is dropped from the queue or stopped between two tokens. `shutdown` cancels whatever is still
+queued or running (the server's drain deadline has passed by then).
 """
 
 from __future__ import annotations
@@ -42,9 +43,13 @@ class Worker:
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self.thread = threading.Thread(target=self._loop, name="gpt-generation-worker", daemon=True)
         self.busy = threading.Event()
+        self.current: Job | None = None  # the job running now
+        self.closed = False
         self.thread.start()
 
     def submit(self, job: Job) -> Job:
+        if self.closed:
+            raise QueueFull("server shutting down")
         try:
             self.jobs.put_nowait(job)
         except queue.Full:
@@ -59,16 +64,30 @@ class Worker:
             if job.cancelled:  # its client left while it waited
                 continue
             self.busy.set()
+            self.current = job
             try:
                 job.run(lambda job=job: job.cancelled)
             except Exception:  # the job reports its own errors; the worker must survive anything
                 pass
             finally:
+                self.current = None
                 self.busy.clear()
 
     def queued(self) -> int:
         return self.jobs.qsize()
 
-    def shutdown(self) -> None:
-        self.jobs.put(None)
-        self.thread.join(timeout=5)
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Cancel every queued job and the running one (it stops before its next token), then stop the thread."""
+        self.closed = True
+        while True:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.cancel()
+        running = self.current
+        if running is not None:
+            running.cancel()
+        self.jobs.put(None)  # the queue is empty now: never blocks
+        self.thread.join(timeout=timeout)
