@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from gpt.atomic import write_json_atomic
 from gpt.errors import GptError
 from gpt.model_dir import (
     Lineage,
@@ -275,9 +276,20 @@ def export_hf(src: str | Path, out: str | Path) -> Path:
     with create_new_dir(out, ExportError) as tmp:
         hf_model.save_pretrained(tmp)
         fast.save_pretrained(tmp, save_jinja_files=False)  # chat_template in tokenizer_config.json (4.x reads it)
+        _portable_tokenizer_config(tmp / HF_TOKENIZER_CONFIG_FILE)
         if lineage is not None:
             write_lineage(tmp, lineage)
     return Path(out)
+
+
+def _portable_tokenizer_config(path: Path) -> None:
+    """Make tokenizer_config.json load in every supported transformers (>= 4.45): name the class 4.x knows
+    (transformers 5 writes "TokenizersBackend", which 4.x cannot find) and say the model takes no token_type_ids
+    (4.x's PreTrainedTokenizerFast returns them by default, and GPT-2 adds them as embeddings: garbage output)."""
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config["model_input_names"] = ["input_ids", "attention_mask"]
+    write_json_atomic(path, config)
 
 
 def _check_safetensors(src: Path) -> None:

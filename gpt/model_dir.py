@@ -96,6 +96,9 @@ def _read_config_doc(directory: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ModelDirError(f"{path}: not found (is {directory} a model directory written by save_model?)")
     doc = _read_json(path)
+    if isinstance(doc, dict) and "model_type" in doc and "format" not in doc:  # transformers' config.json
+        raise ModelDirError(f"{directory} is a Hugging Face model directory (model_type {doc['model_type']!r}); "
+                            f"convert it first: gpt import --from hf {directory} -o <new model dir>")
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or "config" not in doc:
         raise ModelDirError(f"{path}: not a {FORMAT} config (missing 'format'/'config')")
     if doc.get("version", 0) > VERSION:

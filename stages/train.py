@@ -67,7 +67,7 @@ def main() -> None:
     model = parent.load() if parent is not None else DecoderOnlyTransformer(model_config)
     try:
         result, run = train(model, cfg, train_data, val_data, paths.checkpoints, model_config.to_dict(),
-                            {**lineage, **extra}, live_dir=paths.metrics / "train")
+                            {**lineage, **extra}, live_dir=paths.metrics / "train", tokenizer_dir=paths.tokenizer)
     except TrainingInterrupted as stop:  # Ctrl-C / SIGTERM: saved at the current step; one line, 128 + signal
         print(f"train: {stop}", file=sys.stderr)
         raise SystemExit(stop.exit_code) from None

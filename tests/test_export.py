@@ -171,3 +171,96 @@ def test_moe_preset_export_fails_with_a_one_line_reason(tiny_model_dir, tmp_path
     assert "\n" not in err and err.startswith("gpt export: error:")
     assert "shared expert" in err and "Mixtral" in err and "qwen3-style" in err
     assert not (tmp_path / "hf").exists()
+
+
+# ---------------------------------------------------------------- every supported transformers loads the export
+PARITY_PROMPTS = ["the cat saw the dog by the river", "Day 3: the birds", "Ünïcödé ✓"]
+PARITY_SCRIPT = """
+import json, sys
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tok = AutoTokenizer.from_pretrained(sys.argv[1], local_files_only=True)
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], local_files_only=True).eval()
+out = []
+for text in json.loads(sys.argv[2]):
+    enc = tok(text, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        ids = model.generate(**enc, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=tok.eos_token_id)
+    out.append({"keys": sorted(enc), "ids": ids[0].tolist(), "class": type(tok).__name__})
+print(json.dumps(out))
+"""
+
+
+def our_greedy(model_dir, prompts: list[str]) -> list[list[int]]:
+    ours, tok = load_model(model_dir), Tokenizer.load(model_dir)
+    return [ours.generate(torch.tensor([tok.encode(p)]), 12, temperature=0.0)[0].tolist() for p in prompts]
+
+
+def check_parity(report: list[dict], model_dir) -> None:
+    for item, expected in zip(report, our_greedy(model_dir, PARITY_PROMPTS), strict=True):
+        assert item["keys"] == ["attention_mask", "input_ids"]  # no token_type_ids for GPT-2 to add
+        assert item["class"] in ("PreTrainedTokenizerFast", "TokenizersBackend")  # 5.x: the same class, renamed
+        assert item["ids"] == expected
+
+
+def test_export_tokenizer_config_is_portable_and_generates_like_ours(hf_dir, tiny_model_dir):
+    config = json.loads((hf_dir / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"  # transformers 4.x knows no TokenizersBackend
+    assert config["model_input_names"] == ["input_ids", "attention_mask"]
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", PARITY_SCRIPT, str(hf_dir), json.dumps(PARITY_PROMPTS)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    check_parity(json.loads(run.stdout.splitlines()[-1]), tiny_model_dir)
+
+
+OLDEST_TRANSFORMERS = "4.45.*"  # pyproject: transformers>=4.45
+
+
+@pytest.mark.slow
+def test_export_generates_like_ours_in_the_oldest_supported_transformers(hf_dir, tiny_model_dir, tmp_path):
+    """A throwaway virtualenv with transformers 4.45 (and the CPU torch this project pins) loads the export with
+    AutoTokenizer / AutoModelForCausalLM and generates greedily what our model generates."""
+    import subprocess
+    import sys
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    install = subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                              f"transformers=={OLDEST_TRANSFORMERS}", f"torch=={torch.__version__.split('+')[0]}",
+                              "safetensors"], capture_output=True, text=True, timeout=900)
+    if install.returncode != 0:
+        pytest.skip(f"pip could not install transformers=={OLDEST_TRANSFORMERS}: {install.stderr.strip()[-300:]}")
+    run = subprocess.run([str(python), "-c", PARITY_SCRIPT, str(hf_dir), json.dumps(PARITY_PROMPTS)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    version = subprocess.run([str(python), "-c", "import transformers; print(transformers.__version__)"],
+                             capture_output=True, text=True).stdout.strip()
+    assert version.startswith("4.45.")
+    check_parity(json.loads(run.stdout.splitlines()[-1]), tiny_model_dir)
+
+
+# ---------------------------------------------------------------- directories `gpt generate` is pointed at
+def test_generate_on_a_hugging_face_directory_suggests_import(hf_dir, capsys):
+    from gpt.cli import main
+
+    assert main(["generate", "x", "-c", str(hf_dir), "-m", "2"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Hugging Face" in err and f"gpt import --from hf {hf_dir}" in err
+
+
+def test_training_checkpoints_carry_their_tokenizer(tiny_model_dir, tmp_path, capsys):
+    from gpt.cli import main
+    from gpt.train.checkpoints import CheckpointManager
+
+    model = load_model(tiny_model_dir)
+    optimizer = torch.optim.AdamW(model.parameters())
+    path = CheckpointManager(tmp_path / "ckpt", tokenizer_dir=tiny_model_dir).save(model, optimizer, {"step": 3})
+    assert CheckpointManager(tmp_path / "ckpt").verify(path)  # the copy is one of the verified files
+    assert main(["generate", "the cat", "-c", str(path), "-m", "4", "-t", "0", "--no-prompt"]) == 0
+    assert main(["info", "-c", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "tokenizer    tokenizer.model" in out

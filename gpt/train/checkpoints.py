@@ -5,6 +5,8 @@ One checkpoint is a directory `step-NNNNNN/`:
   config.json            the model config                   } checkpoint also loads with gpt.model_dir.load_model
   optimizer.safetensors  every optimizer state tensor, flattened to `state.<param index>.<name>`
   rng.safetensors        torch CPU (and CUDA) generator states as uint8 tensors
+  tokenizer.model        a copy of the run's tokenizer (when the manager is given it), so `gpt generate`/`gpt info`
+                         use a checkpoint like a model directory
   state.json             step, data position, schedule, optimizer hyper-parameters, scaler, python/numpy RNG,
                          val loss, resolved params, run fingerprint and lineage (tokenizer + shard manifest hashes),
                          and the size + sha256 of every other file (`files`), recorded at write time
@@ -39,6 +41,7 @@ from torch import nn
 from gpt.atomic import TEMP_SUFFIX, atomic_directory, remove_stale_temps, write_atomic, write_text_atomic
 from gpt.errors import GptError
 from gpt.model_dir import WEIGHTS_FILE, save_model
+from gpt.tokenizer import copy_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -175,8 +178,10 @@ def _step_of(path: Path) -> int | None:
 class CheckpointManager:
     """Save, verify, find, load, prune and move aside `step-NNNNNN/` checkpoints under one directory."""
 
-    def __init__(self, directory: str | Path, keep_last: int = 2, keep_best: bool = True, keep_other_runs: int = 3):
+    def __init__(self, directory: str | Path, keep_last: int = 2, keep_best: bool = True, keep_other_runs: int = 3,
+                 tokenizer_dir: str | Path | None = None):
         self.directory = Path(directory)
+        self.tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else None
         self.keep_last = keep_last
         self.keep_best = keep_best
         self.keep_other_runs = keep_other_runs
@@ -245,6 +250,8 @@ class CheckpointManager:
         final = self.directory / f"step-{state['step']:06d}"
         with atomic_directory(final) as tmp:
             _save_weights(model, tmp)
+            if self.tokenizer_dir is not None:
+                copy_tokenizer(self.tokenizer_dir, tmp)
             opt_tensors, opt_meta = optimizer_to_flat(optimizer)
             write_atomic(tmp / OPTIMIZER_FILE, lambda name: safetensors.torch.save_file(opt_tensors, name))
             rng_tensors, rng_meta = rng_to_flat()

@@ -230,12 +230,12 @@ class Throughput:
 
 def train(model: nn.Module, cfg: TrainConfig, train_data: BatchSource, val_data: BatchSource,
           checkpoint_dir: Path, model_config: dict[str, Any], lineage: dict[str, Any],
-          live_dir: Path | None = None) -> tuple[TrainResult, Run]:
+          live_dir: Path | None = None, tokenizer_dir: Path | None = None) -> tuple[TrainResult, Run]:
     """Train `model` (already initialised with the same seed on every rank) for cfg.max_steps optimizer steps,
     resuming from `checkpoint_dir` when a compatible checkpoint exists. Rank 0 writes checkpoints and metrics."""
     run = setup_run(model, cfg)
     manager = CheckpointManager(checkpoint_dir, keep_last=cfg.keep_last, keep_best=cfg.keep_best,
-                                keep_other_runs=cfg.keep_other_runs)
+                                keep_other_runs=cfg.keep_other_runs, tokenizer_dir=tokenizer_dir)
     identity = run_identity(cfg, model_config, lineage, run.info.world_size)
     state = _resume_state(run, manager, identity)
     start = state.get("step", 0)
