@@ -10,6 +10,7 @@ and a `@check("<stage>")` function taking (project dir, metrics of that stage, l
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -334,3 +335,27 @@ def test_fresh_clone_after_dvc_push_and_pull_is_up_to_date(project, tmp_path):
     out = _dvc("repro", cwd=clone, env=env)
     assert "Running stage" not in out, out
     assert not (clone / "data/checkpoints").exists()
+
+
+# ---- issue 13: sft (the chat model) and chat_eval ----
+SHRINK["sft"] = {"max_steps": 20, "batch_size": 8, "eval_every": 10, "eval_windows": 8, "checkpoint_every": 10,
+                 "samples": 1, "max_new_tokens": 8, "eval": {"max_items": 10, "max_new_tokens": 8}}
+
+
+@check("sft")
+def _check_sft(project: Path, metrics: dict, params: dict) -> None:
+    from gpt.model_dir import load, read_lineage
+
+    paths = params["paths"]
+    assert metrics["train"]["steps"] == 20 and metrics["val"]["after"]["loss"] < metrics["val"]["before"]["loss"]
+    lineage = read_lineage(project / paths["chat_model"])
+    parent = hashlib.sha256((project / paths["model"] / "model.safetensors").read_bytes()).hexdigest()
+    assert lineage.extra["parent"]["weights_sha256"] == parent
+    assert load(project / paths["chat_model"]).model.config.vocab_size == params["tokenizer"]["vocab_size"]
+    assert "assistant (chat model)" in (project / paths["metrics"] / "sft_samples.md").read_text()
+
+
+@check("chat_eval")
+def _check_chat_eval(project: Path, metrics: dict, params: dict) -> None:
+    assert set(metrics) == {"pretrained", "chat"} and metrics["chat"]["items"] == 10
+    assert metrics["chat"]["assistant_loss"] < metrics["pretrained"]["assistant_loss"]
