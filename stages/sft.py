@@ -41,6 +41,8 @@ def main() -> None:
     except TrainingInterrupted as stop:
         print(f"sft: {stop}", file=sys.stderr)
         raise SystemExit(stop.exit_code) from None
+    if not result.is_main:
+        return
     write_chat_model(result, parent, paths.chat_model, cfg, train_cfg, paths.sft_data)
     samples = list(read_conversations(split_path(paths.sft_data, "val")))[:cfg.samples]
     write_text_atomic(paths.metrics / "sft_samples.md",

@@ -110,6 +110,7 @@ class SftResult:
     packing: dict[str, Any]  # per split: PackStats.to_dict()
     lora: dict[str, Any] | None  # parameter counts, optimizer state bytes, layers (None: full fine-tuning)
     adapters: dict[str, torch.Tensor] | None
+    is_main: bool = True  # rank 0 (under torchrun only it writes outputs)
 
 
 def file_sha256(path: Path) -> str:
@@ -169,7 +170,7 @@ def fine_tune(parent: ParentModel, tokenizer: Tokenizer, data_dir: Path, cfg: Sf
         adapters = {k: v.clone() for k, v in adapter_state_dict(trained).items()}
         merge_lora(trained)
     packing = {split: source.stats.to_dict() for split, source in data.items()}
-    return SftResult(trained.eval(), result, before, after, packing, lora, adapters)
+    return SftResult(trained.eval(), result, before, after, packing, lora, adapters, run.info.is_main)
 
 
 def write_chat_model(result: SftResult, parent: ParentModel, directory: Path, cfg: SftConfig,
