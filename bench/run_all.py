@@ -18,6 +18,7 @@ BENCHMARKS = [
     ("bench.bench_train", ["--write"]),
     ("bench.bench_quantize", ["--write"]),
     ("bench.bench_variants", ["--write"]),
+    ("bench.bench_sft", ["--write"]),
 ]
 
 
