@@ -142,3 +142,14 @@ def test_sft_stage_lowers_assistant_loss_and_writes_a_chat_model(workspace, tmp_
     assert set(scores) == {"pretrained", "chat"} and scores["chat"]["items"] == 10
     assert scores["chat"]["assistant_loss"] < scores["pretrained"]["assistant_loss"]
     assert 0.0 <= scores["chat"]["exact_match"] <= 1.0 and set(scores["chat"]["per_task"]) == {"add"}
+
+
+def test_chat_eval_skips_and_counts_held_out_items_longer_than_the_context(workspace):
+    from gpt.sft.chat_eval import heldout_scores
+
+    loaded = load(workspace / "data/model")
+    rows = [{"id": "a", "task": "add", "messages": [{"role": "user", "content": "What is 1 + 2?"}], "answer": "3"},
+            {"id": "b", "task": "add", "messages": [{"role": "user", "content": "What is 1 + 2? " * 40}],
+             "answer": "3"}]
+    scores = heldout_scores(loaded.model, ChatTemplate(loaded.tokenizer), rows, max_new_tokens=4)
+    assert scores["items"] == 1 and scores["skipped_too_long"] == 1

@@ -49,8 +49,19 @@ def _pad_id(template: ChatTemplate) -> int:
 
 def heldout_scores(model: nn.Module, template: ChatTemplate, rows: list[dict[str, Any]],
                    max_new_tokens: int, batch_size: int = 32) -> dict[str, Any]:
-    """{"assistant_loss", "assistant_token_accuracy", "exact_match", "items", "per_task": {task: exact match}}."""
-    references = [{"messages": [*row["messages"], {"role": "assistant", "content": row["answer"]}]} for row in rows]
+    """{"assistant_loss", "assistant_token_accuracy", "exact_match", "items", "skipped_too_long",
+    "per_task": {task: exact match}}. A row whose question and answer do not fit the model's context is skipped
+    and counted (a small-context model with a small vocabulary can meet one)."""
+    limit = int(model.config.max_seq_len) + 1  # a window of T + 1 tokens scores T positions
+    references, kept = [], []
+    for row in rows:
+        reference = {"messages": [*row["messages"], {"role": "assistant", "content": row["answer"]}]}
+        if len(template.render(reference["messages"])[0]) <= limit:
+            references.append(reference)
+            kept.append(row)
+    skipped, rows = len(rows) - len(kept), kept
+    if not rows:
+        raise ValueError(f"no held-out item fits the model's context of {limit - 1} tokens")
     windows = pad_conversations(references, template, _pad_id(template))
     device = next(model.parameters()).device
     scores = labeled_validation(model, windows.to(device), Precision("fp32", device.type), batch_size)
@@ -64,6 +75,7 @@ def heldout_scores(model: nn.Module, template: ChatTemplate, rows: list[dict[str
         "assistant_token_accuracy": scores["accuracy"],
         "exact_match": sum(right.values()) / max(1, len(rows)),
         "items": len(rows),
+        "skipped_too_long": skipped,
         "per_task": {task: right[task] / total[task] for task in sorted(total)},
     }
 
