@@ -18,7 +18,7 @@ from typing import Any
 from torch import nn
 
 from gpt.chat import ChatTemplate
-from gpt.generate import SamplingSpec, generate_chat
+from gpt.generate import GenerationInputError, SamplingSpec, generate_chat
 from gpt.sft.packing import pad_conversations
 from gpt.sft.tasks import check_answer
 from gpt.train.device import Precision
@@ -87,7 +87,10 @@ def conversation_samples(model: nn.Module, template: ChatTemplate, conversations
     for n, row in enumerate(conversations, start=1):
         messages = list(row["messages"])
         prompt, reference = messages[:-1], messages[-1]["content"]
-        reply = greedy_reply(model, template, prompt, max_new_tokens)
+        try:
+            reply = greedy_reply(model, template, prompt, max_new_tokens)
+        except GenerationInputError as err:  # a prompt longer than the context
+            reply = f"(not generated: {err})"
         parts.append(f"## {n}. `{row.get('id', n)}` ({row.get('source', '?')})\n")
         parts += [f"**{m['role']}:** {m['content']}\n" for m in prompt]
         parts.append(f"**assistant (chat model):** {reply}\n")
