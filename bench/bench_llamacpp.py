@@ -5,9 +5,11 @@ exporter (gpt/gguf.py), as GGUF files of matching precision: fp32 ↔ f32, bf16 
 q8_0. Then, greedy, `--new-tokens` new tokens after a short prompt, in one run:
   - `gpt generate`: the user's path, a fresh `gpt generate -t 0` process (its own tokens/s line);
   - ours, warm Python API: gpt.model_dir.load + model.generate after a warm-up (no EOS stop);
-  - llama.cpp through llama-cpp-python in this process: prompt evaluated, then one `eval` per token with argmax of
-    the logits (a warm-up pass first); this includes llama-cpp-python's small per-call Python overhead, so it is a
-    slight underestimate of `llama-bench`'s tg number.
+  - llama.cpp through llama-cpp-python in a child process: prompt evaluated, then one `eval` per token with argmax
+    of the logits (a warm-up pass first); this includes llama-cpp-python's small per-call Python overhead, so it is
+    a slight underestimate of `llama-bench`'s tg number.
+Measure on an idle machine: with more runnable threads than cores, llama.cpp's per-op thread barriers collapse
+(measured here under load average ~4 on 2 cores: f32 9 tok/s with 2 threads, 32 with 1), far more than torch.
 Threads: `--threads` (default 2) for torch, `gpt generate --threads` and llama.cpp alike.
 
     python -m bench.bench_llamacpp                 # ~3-5 min on 2 quiet cores
@@ -35,27 +37,39 @@ from bench.common import cpu_name, write_section
 from gpt.gguf import write_gguf
 from gpt.model import DecoderOnlyTransformer, ModelConfig
 from gpt.model_dir import Lineage, load, save_quantized, write_model_dir
-from gpt.tokenizer import Tokenizer, TokenizerConfig, train_tokenizer
+from gpt.tokenizer import Tokenizer
 
 PRECISIONS = {"fp32": ("f32", None), "bf16": ("bf16", "bf16"), "int8": ("q8_0", "int8")}  # ours → (gguf, quantize)
 PROMPT = "The meaning of"
+REPEATS = 3  # every rate is the best of 3 timed runs: other processes only ever slow a run down
 
 
-def _tokenizer(work: Path) -> Path:
-    """The pipeline's tokenizer if there is one, else a small one trained on Python's docs (ids < the seed vocab)."""
-    trained = Path("data/tokenizer/tokenizer.model")
-    if trained.is_file():
-        return trained
+def _tokenizer(work: Path, vocab_size: int) -> Path:
+    """A sentencepiece BPE model with exactly the seed config's `vocab_size` pieces, so every id the random model
+    emits decodes: 4,096 pieces learned from Python's docs, the rest unused control pieces (decode to "")."""
+    import io
     import pydoc_data.topics
 
-    return train_tokenizer(list(pydoc_data.topics.topics.values()), TokenizerConfig(vocab_size=4096),
-                           work / "tok").path
+    import sentencepiece as spm
+
+    learned = 4096
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(list(pydoc_data.topics.topics.values())), model_writer=model, model_type="bpe",
+        vocab_size=vocab_size, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+        control_symbols=[f"<|unused{i}|>" for i in range(vocab_size - learned)], split_digits=True,
+        allow_whitespace_only_pieces=True, remove_extra_whitespaces=False, normalization_rule_name="identity",
+        input_sentence_size=0, num_threads=2, minloglevel=2)
+    path = work / "tokenizer.model"
+    path.write_bytes(model.getvalue())
+    return path
 
 
 def _model_dirs(work: Path, precisions: list[str]) -> dict[str, Path]:
-    tok_file = _tokenizer(work)
+    config = ModelConfig.from_preset("seed", dropout=0.0)
+    tok_file = _tokenizer(work, config.vocab_size)
     torch.manual_seed(0)
-    model = DecoderOnlyTransformer(ModelConfig.from_preset("seed", dropout=0.0)).eval()
+    model = DecoderOnlyTransformer(config).eval()
     fp32 = write_model_dir(model, work / "seed-fp32", tok_file, Lineage(step=0))
     dirs = {"fp32": fp32}
     for name in precisions:
@@ -66,10 +80,17 @@ def _model_dirs(work: Path, precisions: list[str]) -> dict[str, Path]:
 
 
 def gpt_generate_rate(directory: Path, new_tokens: int, threads: int) -> float:
-    """tokens/s that a fresh `gpt generate -t 0` prints for itself."""
+    """tokens/s that a fresh `gpt generate -t 0` prints for itself (best of REPEATS runs)."""
+    return max(_gpt_generate_once(directory, new_tokens, threads) for _ in range(REPEATS))
+
+
+def _gpt_generate_once(directory: Path, new_tokens: int, threads: int) -> float:
     cmd = [sys.executable, "-m", "gpt.cli", "generate", "-c", str(directory), "-t", "0", "-m", str(new_tokens),
            "--threads", str(threads), PROMPT]
-    err = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"gpt generate failed ({done.returncode}): {done.stderr[-1000:]}")
+    err = done.stderr
     match = re.search(r"\[(\d+) tokens in [\d.]+ s: ([\d.]+) tokens/s\]", err)
     if not match:
         raise RuntimeError(f"no tokens/s line in gpt generate's output: {err[-500:]}")
@@ -81,33 +102,67 @@ def gpt_generate_rate(directory: Path, new_tokens: int, threads: int) -> float:
 def ours_warm_rate(directory: Path, new_tokens: int) -> float:
     loaded = load(directory)
     ids = torch.tensor([loaded.tokenizer.encode(PROMPT)])
+    rates = []
     with torch.inference_mode():
         loaded.model.generate(ids, 8, temperature=0.0)  # warm-up: lazy kernels, allocator
-        start = time.perf_counter()
-        out = loaded.model.generate(ids, new_tokens, temperature=0.0)
-        seconds = time.perf_counter() - start
-    return (out.shape[1] - ids.shape[1]) / seconds
+        for _ in range(REPEATS):
+            start = time.perf_counter()
+            out = loaded.model.generate(ids, new_tokens, temperature=0.0)
+            rates.append((out.shape[1] - ids.shape[1]) / (time.perf_counter() - start))
+    return max(rates)
 
 
-def llama_cpp_rate(gguf_path: Path, prompt_ids: list[int], new_tokens: int, threads: int) -> float:
+def _load_llama(gguf_path: Path, n_ctx: int, threads: int, extra_buffers: bool) -> object:
+    """llama-cpp-python's Llama; extra_buffers=False loads weights without llama.cpp's repacking buffer types
+    (needed for q8_0 on AMX CPUs, where the AMX path segfaults: ggml-org/llama.cpp#20824)."""
+    import llama_cpp
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(gguf_path), n_ctx=len(prompt_ids) + new_tokens + 8, n_threads=threads,
-                n_threads_batch=threads, logits_all=True, verbose=False)  # keeps `scores` (1 row per eval here)
+    defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+    def params():
+        p = defaults()
+        p.use_extra_bufts = extra_buffers
+        return p
+
+    llama_cpp.llama_cpp.llama_model_default_params = params
+    try:
+        return Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                     logits_all=True, verbose=False)  # logits_all keeps `scores` (1 row per one-token eval)
+    finally:
+        llama_cpp.llama_cpp.llama_model_default_params = defaults
+
+
+def _has_amx() -> bool:
+    cpuinfo = Path("/proc/cpuinfo")
+    return cpuinfo.exists() and "amx_int8" in cpuinfo.read_text()
+
+
+def llama_cpp_rate(gguf_path: Path, prompt_ids: list[int], new_tokens: int, threads: int,
+                   extra_buffers: bool) -> float:
+    llm = _load_llama(gguf_path, len(prompt_ids) + new_tokens + 8, threads, extra_buffers)
     rates = []
-    for _ in range(2):  # the first pass warms up (page cache, thread pool)
+    for _ in range(1 + REPEATS):  # the first pass warms up (page cache, thread pool)
         llm.reset()
         llm.eval(prompt_ids)
         start = time.perf_counter()
         for _ in range(new_tokens):
             llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
         rates.append(new_tokens / (time.perf_counter() - start))
-    return rates[-1]
+    return max(rates[1:])
+
+
+def _in_child(fn, *args):
+    """fn(*args) in a fresh process: llama.cpp's and torch's OpenMP thread pools in one process slow each other."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
 
 
 def markdown(rows: list[dict], info: str) -> str:
     lines = [f"Seed config (93M parameters, random weights), batch 1, greedy, {rows[0]['new']} new tokens, "
-             f"{rows[0]['threads']} threads. {info}", "",
+             f"{rows[0]['threads']} threads, each rate the best of {REPEATS} runs. {info}", "",
              "| precision (ours / GGUF) | llama.cpp tok/s | `gpt generate` tok/s | ratio | warm API tok/s | ratio |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -136,7 +191,8 @@ def main(argv: list[str] | None = None) -> None:
             gguf_type = PRECISIONS[name][0]
             gguf_path = write_gguf(fp32, tok, work / f"seed-{gguf_type}.gguf", gguf_type)
             row = {"precision": name, "gguf": gguf_type, "new": args.new_tokens, "threads": args.threads,
-                   "llama": llama_cpp_rate(gguf_path, prompt_ids, args.new_tokens, args.threads),
+                   "llama": _in_child(llama_cpp_rate, gguf_path, prompt_ids, args.new_tokens, args.threads,
+                                      not (gguf_type == "q8_0" and _has_amx())),
                    "cli": gpt_generate_rate(dirs[name], args.new_tokens, args.threads),
                    "warm": ours_warm_rate(dirs[name], args.new_tokens)}
             print(row, flush=True)
@@ -144,6 +200,9 @@ def main(argv: list[str] | None = None) -> None:
     load_avg = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     info = (f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, MALLOC_* thresholds {malloc}, "
             f"load average at the end {load_avg}.")
+    if "int8" in args.precisions and _has_amx():
+        info += (" This CPU has AMX, where llama.cpp's repacked q8_0 path segfaults (ggml-org/llama.cpp#20824), so "
+                 "its q8_0 runs without weight repacking (plain q8_0 kernels).")
     table = markdown(rows, info)
     print(table)
     if args.write:
