@@ -262,3 +262,24 @@ def test_console_script_ctrl_c_exits_130_without_a_traceback(tiny_model_dir):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
     assert err.strip().splitlines() == ["gpt generate: interrupted"]
+
+
+def test_a_padded_vocabulary_never_yields_ids_the_tokenizer_cannot_decode(tiny_model_dir):
+    """A model with more embedding rows than tokenizer pieces: the extra ids are never sampled (was a 500)."""
+    from gpt.generate import SamplingSpec, generate_text
+    from gpt.model import ModelConfig
+
+    loaded = load(tiny_model_dir)
+    vocab = loaded.tokenizer.vocab_size
+    config = ModelConfig.from_dict({**loaded.model.config.to_dict(), "vocab_size": vocab + 64})
+    torch.manual_seed(0)
+    model = DecoderOnlyTransformer(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight[vocab:] = 5.0 * model.lm_head.weight[:1].sign()  # padded rows would win every step
+        greedy = model.generate(torch.tensor([[2]]), max_new_tokens=4, temperature=0)
+    assert int(greedy[0, 1:].max()) >= vocab  # without the limit the padded ids are chosen
+    done = generate_text(model, loaded.tokenizer, "Day 1", SamplingSpec(max_new_tokens=16, temperature=0.0))
+    assert done.token_ids and max(done.token_ids) < vocab
+    sampled = generate_text(model, loaded.tokenizer, "Day 1", SamplingSpec(max_new_tokens=16, temperature=1.0,
+                                                                         seed=0))
+    assert max(sampled.token_ids) < vocab

@@ -59,8 +59,8 @@ class _Decoder:
     """Holds the token buffer and the KV cache of one generation; `next_logits` gives the logits to sample from."""
 
     def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                 max_new_tokens: int, use_cache: bool) -> None:
-        self.model, self.use_cache = model, use_cache
+                 max_new_tokens: int, use_cache: bool, vocab_limit: int | None = None) -> None:
+        self.model, self.use_cache, self.vocab_limit = model, use_cache, vocab_limit
         self.max_len = model.config.max_seq_len
         input_ids = input_ids[:, -self.max_len:]
         B, T = input_ids.shape
@@ -95,14 +95,18 @@ class _Decoder:
 
     def _last_logits(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         hidden = self.model.hidden_states(ids, attention_mask=mask, cache=self.cache)[:, -1]  # (B, C)
-        return self.model.lm_head(hidden)  # (B, V)
+        logits = self.model.lm_head(hidden)  # (B, V)
+        return logits if self.vocab_limit is None else logits[:, : self.vocab_limit]
 
 
 def stream(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
            top_k: int | None = None, top_p: float | None = None, eos_token_id: int | Sequence[int] | None = None,
            generator: torch.Generator | None = None, attention_mask: torch.Tensor | None = None,
-           use_cache: bool = True) -> Iterator[torch.Tensor]:
-    """Yield the next token of every sequence (B,) per step; stops early once every sequence has hit EOS."""
+           use_cache: bool = True, vocab_limit: int | None = None) -> Iterator[torch.Tensor]:
+    """Yield the next token of every sequence (B,) per step; stops early once every sequence has hit EOS.
+
+    `vocab_limit`: sample only ids below it (a model whose embedding is padded beyond its tokenizer's vocabulary
+    must never produce an id the tokenizer cannot decode)."""
     _check_args(max_new_tokens, temperature, top_k, top_p)
     if input_ids.dim() == 1:
         input_ids = input_ids.unsqueeze(0)
@@ -110,7 +114,7 @@ def stream(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: flo
     model.eval()
     try:
         with torch.inference_mode():
-            decoder = _Decoder(model, input_ids, attention_mask, max_new_tokens, use_cache)
+            decoder = _Decoder(model, input_ids, attention_mask, max_new_tokens, use_cache, vocab_limit)
             eos = _eos_tensor(eos_token_id, input_ids.device)
             finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
             logits = decoder.prefill() if max_new_tokens else None
@@ -132,12 +136,12 @@ def stream(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: flo
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, eos_token_id: int | Sequence[int] | None = None,
              generator: torch.Generator | None = None, attention_mask: torch.Tensor | None = None,
-             use_cache: bool = True) -> torch.Tensor:
+             use_cache: bool = True, vocab_limit: int | None = None) -> torch.Tensor:
     """Prompt (B, T) → (B, T + n) with n ≤ max_new_tokens (fewer if every sequence stopped at EOS)."""
     if input_ids.dim() == 1:
         input_ids = input_ids.unsqueeze(0)
     new = list(stream(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, generator,
-                      attention_mask, use_cache))
+                      attention_mask, use_cache, vocab_limit))
     if not new:
         return input_ids.clone()
     return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1)

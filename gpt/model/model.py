@@ -205,15 +205,15 @@ class DecoderOnlyTransformer(nn.Module):
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, eos_token_id=None,
                  generator: torch.Generator | None = None, attention_mask: torch.Tensor | None = None,
-                 use_cache: bool = True) -> torch.Tensor:
+                 use_cache: bool = True, vocab_limit: int | None = None) -> torch.Tensor:
         """Prompt (B, T) → prompt + new tokens (B, T + n). See `generation.generate`."""
         return generation.generate(self, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id,
-                                   generator, attention_mask, use_cache)
+                                   generator, attention_mask, use_cache, vocab_limit)
 
     def stream(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                top_k: int | None = None, top_p: float | None = None, eos_token_id=None,
                generator: torch.Generator | None = None, attention_mask: torch.Tensor | None = None,
-               use_cache: bool = True) -> Iterator[torch.Tensor]:
+               use_cache: bool = True, vocab_limit: int | None = None) -> Iterator[torch.Tensor]:
         """Yield the next token of every sequence, (B,) LongTensor, step by step. See `generation.stream`."""
         return generation.stream(self, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id,
-                                 generator, attention_mask, use_cache)
+                                 generator, attention_mask, use_cache, vocab_limit)
