@@ -274,9 +274,10 @@ def stream_completion(model: Any, tokenizer: Any, prompt_ids: Sequence[int], spe
         ids, sent = text.ids[sent:], len(text.ids)
         return ids
     # a model may have more embedding rows than its tokenizer has pieces (a padded vocab): never sample those ids
-    vocab_limit = tokenizer.vocab_size if tokenizer.vocab_size < model.config.vocab_size else None
+    model_vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    limit = {"vocab_limit": tokenizer.vocab_size} if model_vocab and tokenizer.vocab_size < model_vocab else {}
     steps = model.stream(input_ids, eos_token_id=sorted(stops) or None, generator=generator,
-                         vocab_limit=vocab_limit, **spec.model_kwargs())
+                         **limit, **spec.model_kwargs())
     try:
         with torch.inference_mode():
             for step in steps:
