@@ -34,9 +34,9 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
 
 setup: $(VENV)/.installed
 
-# llama.cpp for the GGUF parity tests (tests/test_gguf.py) and bench/bench_llamacpp.py: a C++ build of several
-# minutes on 2 cores the first time (pip caches the wheel), so only the slow tests ask for it. LLAVA_BUILD=OFF skips
-# the multimodal library (a quarter of the build; llama-cpp-python imports it only for image chat handlers).
+# llama.cpp for the GGUF parity tests (tests/test_gguf.py) and bench/bench_llamacpp.py: a C++ build, 5.4 min on 2
+# cores the first time (pip caches the wheel), so only the slow tests ask for it. LLAVA_BUILD=OFF skips the
+# multimodal library (a quarter of the build; llama-cpp-python imports it only for image chat handlers).
 $(VENV)/.llamacpp: $(VENV)/.installed
 	CMAKE_ARGS="-DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
 	    $(BIN)/pip install -c constraints.txt -e ".[llamacpp]"
