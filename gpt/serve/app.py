@@ -41,7 +41,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, StrictInt
+from pydantic import StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gpt.generate import (
@@ -57,6 +57,7 @@ from gpt.model_dir import LoadedModel
 from gpt.serve.chat import add_chat_routes
 from gpt.serve.config import ServeConfig
 from gpt.serve.engine import Job, QueueFull, Worker
+from gpt.serve.schema import SamplingRequest
 
 RETRY_AFTER_SECONDS = 1  # sent with every 503: the queue moves by one generation at a time
 
@@ -90,23 +91,11 @@ class APIError(Exception):
         return error_response(self.status, self.message, self.param, self.code, self.headers)
 
 
-class CompletionRequest(BaseModel):
+class CompletionRequest(SamplingRequest):
     """The subset of OpenAI's completion request we implement; other OpenAI fields are accepted and ignored."""
 
-    model_config = ConfigDict(extra="ignore")
-
-    model: str | None = None
     # text, or token ids (OpenAI allows both); a list holds one prompt (batches are refused)
     prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]] = ""
-    max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float | None = None
-    top_k: int | None = None
-    n: int = 1
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
     # OpenAI fields we do not implement: rejected when used rather than silently ignored
     logprobs: int | None = None
     echo: bool = False

@@ -21,33 +21,21 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict
 
 from gpt.chat import ChatFormatError, ChatTemplate
 from gpt.generate import GenerationInputError, SamplingSpec, encode_chat
 from gpt.model_dir import LoadedModel
 from gpt.serve.config import ServeConfig
+from gpt.serve.schema import SamplingRequest
 
 ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system message
 
 
-class ChatRequest(BaseModel):
+class ChatRequest(SamplingRequest):
     """The subset of OpenAI's chat completion request we implement; other fields are accepted and ignored."""
 
-    model_config = ConfigDict(extra="ignore")
-
-    model: str | None = None
     messages: Any = None  # checked by gpt.chat.parse_messages, so an error names the message and field
-    max_tokens: int | None = None
     max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens
-    temperature: float = 1.0
-    top_p: float | None = None
-    top_k: int | None = None
-    n: int = 1
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
     # OpenAI fields we do not implement: rejected when used rather than silently ignored
     logprobs: bool | None = None
     top_logprobs: int | None = None
