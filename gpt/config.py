@@ -146,5 +146,6 @@ class PathsConfig:
     conversations: Path = Path("data/conversations")  # your own SFT conversation files (sft_data.sources)
     sft_data: Path = Path("data/sft")
     chat_model: Path = Path("data/chat-model")  # the sft stage's output: the fine-tuned (chat) model directory
+    rl_model: Path = Path("data/rl-model")  # the rl stage's output: the chat model after RL on checkable tasks
     metrics: Path = Path("metrics")
 

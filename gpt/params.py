@@ -26,6 +26,7 @@ from gpt.data.prepare import PrepareConfig
 from gpt.data.tokenize import TokenizeConfig
 from gpt.eval import EvalConfig
 from gpt.model.config import PRESETS, ModelConfig, model_config_from_params
+from gpt.rl.config import RLConfig
 from gpt.sft.config import SftDataConfig
 from gpt.sft.train import SftConfig
 from gpt.tokenizer import TokenizerConfig
@@ -88,6 +89,7 @@ class Params:
     evaluate: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     sft_data: SftDataConfig = dataclasses.field(default_factory=SftDataConfig)
     sft: SftConfig = dataclasses.field(default_factory=SftConfig)
+    rl: RLConfig = dataclasses.field(default_factory=RLConfig)
 
     def __post_init__(self) -> None:
         # checks that need two sections

@@ -204,7 +204,7 @@ class TokenizerConfig:
     max_sentence_chars: int = 4096
     # Reserved pieces encoded as one token wherever they appear (chat roles later); BOS/EOS/PAD are always there.
     special_tokens: list[str] = dataclasses.field(
-        default_factory=lambda: ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+        default_factory=lambda: ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<think>", "</think>"]
     )
     num_threads: int = 2  # part of the model file's trainer spec: fixed (not "all cores") so hashes match anywhere
     seed: int = 0
