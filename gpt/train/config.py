@@ -18,7 +18,7 @@ Schedule = Literal["cosine", "wsd", "constant"]
 # Keys that don't change what the model sees or how it is updated: changing them keeps a run resumable.
 BOOKKEEPING_KEYS = frozenset(
     {"log_every", "eval_every", "eval_windows", "checkpoint_every", "keep_last", "keep_best", "keep_other_runs",
-     "resume", "progress", "peak_flops", "compile"}
+     "resume", "progress", "peak_flops", "compile", "parallel", "activation_checkpointing"}
 )
 
 
@@ -48,6 +48,10 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 disables clipping
     precision: Precision = "auto"
     compile: bool = False
+    # under torchrun: ddp = replicate the model, average gradients; fsdp = FSDP2, each rank holds 1/N of the
+    # weights, gradients and optimizer state (gpt/train/fsdp.py). One process ignores it.
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~+30% time
     device: str = "auto"  # auto = cuda → mps → cpu; or "cpu", "cuda", "cuda:1", "mps"
     seed: int = 1337
     on_nonfinite: Literal["stop", "skip"] = "stop"
@@ -64,6 +68,9 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if self.parallel == "fsdp" and self.optimizer == "muon":
+            raise ConfigError("train.parallel: fsdp does not support train.optimizer: muon yet (Muon orthogonalises "
+                              "whole matrices, FSDP holds shards); use adamw or parallel: ddp")
         positive = ["max_steps", "batch_size", "seq_len", "log_every", "eval_every", "checkpoint_every", "keep_last",
                     "eval_windows", "max_nonfinite_skips"]
         for key in positive:

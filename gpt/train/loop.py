@@ -33,6 +33,14 @@ from gpt.train.checkpoints import CheckpointManager
 from gpt.train.config import TrainConfig
 from gpt.train.device import Precision, resolve_precision, select_device, step_seed
 from gpt.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, rank_device
+from gpt.train.fsdp import (
+    checkpoint_blocks,
+    cpu_replica,
+    fqn_order,
+    gather_full_state,
+    load_optimizer_state,
+    shard_model,
+)
 from gpt.train.metrics import TrainLogger, flops_per_token, peak_flops
 from gpt.train.optim import build_optimizer, lr_at, set_lr, wsd_decay_start
 from gpt.train.resume import choose_resume, fingerprint, run_identity
@@ -95,6 +103,9 @@ class Run:
     device: torch.device
     info: DistInfo
     accum: int
+    sharded: bool = False  # FSDP: `model` holds this rank's shards; rank 0 keeps a full CPU replica
+    full_model: nn.Module | None = None  # rank 0 under FSDP: the gathered weights (checkpoints, export)
+    fqns: list[str] = dataclasses.field(default_factory=list)  # FSDP: parameter name of each optimizer index
 
 
 def setup_run(model: nn.Module, cfg: TrainConfig) -> Run:
@@ -110,14 +121,39 @@ def setup_run(model: nn.Module, cfg: TrainConfig) -> Run:
 
 
 def wrap_for_training(run: Run) -> None:
-    """torch.compile (optional), then DDP when world_size > 1 — applied from outside, the model stays plain."""
+    """FSDP2 sharding or (after an optional torch.compile) DDP when world_size > 1, and activation checkpointing —
+    applied from outside, the model stays plain."""
+    if run.info.enabled and run.cfg.parallel == "fsdp":
+        _shard(run)
+    if run.cfg.activation_checkpointing:
+        checkpoint_blocks(run.model)
     trained = run.model
     if run.cfg.compile:
         trained = torch.compile(trained)
-    if run.info.enabled:
+    if run.info.enabled and not run.sharded:
         ids = [run.device.index] if run.device.type == "cuda" else None
         trained = nn.parallel.DistributedDataParallel(trained, device_ids=ids)
     run.trained = trained
+
+
+def _shard(run: Run) -> None:
+    """FSDP2: keep rank 0's full CPU replica, shard the model, rebuild the optimizer over the sharded parameters and
+    hand it the (possibly resumed) full optimizer state."""
+    full_state = run.optimizer.state_dict()
+    run.fqns = fqn_order(run.model, run.optimizer)
+    run.full_model = cpu_replica(run.model) if run.info.is_main else None
+    shard_model(run.model, run.device, run.precision)
+    run.optimizer = build_optimizer(run.model, run.cfg, run.device.type)
+    load_optimizer_state(run.model, run.optimizer, full_state, run.fqns)
+    run.sharded = True
+
+
+def _checkpoint_objects(run: Run) -> tuple[nn.Module | None, Any]:
+    """The model and optimizer a checkpoint is written from. Under FSDP a collective gather onto rank 0 (every rank
+    must call it); rank 0 gets the full replica and the full optimizer state, the others (None, None)."""
+    if not run.sharded:
+        return run.model, run.optimizer
+    return run.full_model, gather_full_state(run.model, run.optimizer, run.fqns, run.full_model)
 
 
 def micro_batches(data: BatchSource, step: int, run: Run) -> list[Batch]:
@@ -142,13 +178,16 @@ def fixed_val_windows(data: BatchSource, cfg: TrainConfig, device: torch.device)
 
 def _validate(run: Run, val_windows: Batch) -> dict[str, float]:
     """The periodic validation metrics: val/loss (and val/accuracy on labeled windows: assistant tokens in SFT)."""
+    # FSDP: every forward is a collective, so every rank runs all windows (ranks splitting the rows could run
+    # different numbers of batches and hang); each then has the whole result, nothing to reduce
+    info = DistInfo() if run.sharded else run.info
     if isinstance(val_windows, LabeledWindows):
-        scores = labeled_validation(run.trained, val_windows, run.precision, run.cfg.batch_size, run.info)
+        scores = labeled_validation(run.trained, val_windows, run.precision, run.cfg.batch_size, info)
         return {"val/loss": scores["loss"], "val/accuracy": scores["accuracy"]}
-    return {"val/loss": validation_loss(run.trained, val_windows, run.precision, run.cfg.batch_size, run.info)}
+    return {"val/loss": validation_loss(run.trained, val_windows, run.precision, run.cfg.batch_size, info)}
 
 
-def _save_checkpoint(run: Run, manager: CheckpointManager, step: int, tokens: int, val_loss: float,
+def _save_checkpoint(run: Run, saved: tuple[nn.Module, Any], manager: CheckpointManager, step: int, tokens: int, val_loss: float,
                      best: float, skipped: int, identity: dict[str, Any], model_config: dict[str, Any]) -> Path:
     state = {
         "step": step,
@@ -167,7 +206,7 @@ def _save_checkpoint(run: Run, manager: CheckpointManager, step: int, tokens: in
         "lineage": identity["lineage"],
         "pinned": _is_branch_point(step, run.cfg),
     }
-    return manager.save(run.model, run.optimizer, state)
+    return manager.save(saved[0], saved[1], state)
 
 
 def _is_branch_point(step: int, cfg: TrainConfig) -> bool:
@@ -281,8 +320,9 @@ def train(model: nn.Module, cfg: TrainConfig, train_data: BatchSource, val_data:
             bar.update(1)
             stopping = done < cfg.max_steps and _agreed(stop.signum is not None, run)  # the last step: finish
             if is_ckpt or stopping:
+                saved = _checkpoint_objects(run)
                 if run.info.is_main:
-                    last_ckpt = _save_checkpoint(run, manager, done, tokens, val_loss, best, skipped, identity,
+                    last_ckpt = _save_checkpoint(run, saved, manager, done, tokens, val_loss, best, skipped, identity,
                                                  model_config)
                 barrier(run.info)
             if stopping:
@@ -299,6 +339,8 @@ def train(model: nn.Module, cfg: TrainConfig, train_data: BatchSource, val_data:
         summary.update({"final/tokens_per_s": avg_tok_s, "final/mfu": result.mfu})
     logger.summary(summary)
     logger.close()
+    if run.sharded and run.info.is_main:  # the export is written from the full replica (gathered at the last step)
+        run.model = run.full_model
     return result, run
 
 

@@ -53,7 +53,10 @@ def run_identity(cfg: TrainConfig, model_config: dict[str, Any], lineage: dict[s
                  world_size: int) -> dict[str, Any]:
     """The params and inputs that define a run's trajectory (everything a resumed run must share)."""
     train = {k: v for k, v in to_dict(cfg).items() if k not in BOOKKEEPING_KEYS}
-    return {"model": model_config, "train": train, "world_size": world_size, "lineage": lineage,
+    # with train.tokens_per_step the global batch doesn't depend on the world size (accumulation makes up the
+    # difference), so a checkpoint continues on any number of ranks; without it batch_size is per rank
+    ranks = None if cfg.tokens_per_step is not None else world_size
+    return {"model": model_config, "train": train, "world_size": ranks, "lineage": lineage,
             "source": source_hash()}
 
 

@@ -1,0 +1,84 @@
+"""FSDP2 through the real launcher (`torchrun --nproc_per_node=2 -m stages.train`, gloo on CPU, fp32): two sharded
+ranks train the same model as one process with the same global batch, with or without activation checkpointing,
+and a checkpoint written by two FSDP ranks resumes on one process (checkpoints hold the gathered full state)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+from tests.test_ddp import run_stage
+from tests.test_train_stage import workspace, write_params  # noqa: F401  (workspace is a fixture)
+
+# global batch 8 windows: 2 ranks x 4, or one process x 4 x 2 accumulation micro-steps
+TRAIN = {"max_steps": 20, "seq_len": 32, "batch_size": 4, "tokens_per_step": 8 * 32, "eval_every": 5,
+         "checkpoint_every": 5, "warmup_steps": 2, "lr": 3.0e-3, "keep_last": 10}
+PRESETS = {"tiny": {"preset": "tiny"}, "qwen3-style": {"preset": "qwen3-style", "n_kv_heads": 1}}
+
+
+def prepare(source: Path, target: Path, model: dict, **train) -> Path:
+    shutil.copytree(source / "data/tokenizer", target / "data/tokenizer")
+    shutil.copytree(source / "data/shards", target / "data/shards")
+    write_params(target, train={**TRAIN, **train}, model={"vocab_size": None, "d_model": 32, "n_layers": 2,
+                                                          "n_heads": 2, "max_seq_len": 64, **model})
+    return target
+
+
+def val_losses(root: Path) -> list[float]:
+    states = sorted((root / "data/checkpoints").glob("step-*/state.json"))
+    return [json.loads(p.read_text())["val_loss"] for p in states]
+
+
+def assert_same_training(a: Path, b: Path) -> None:
+    losses_a, losses_b = val_losses(a), val_losses(b)
+    assert len(losses_a) == len(losses_b) >= 1
+    for x, y in zip(losses_a, losses_b):
+        assert abs(x - y) <= 1e-5 * abs(x), (losses_a, losses_b)
+    one = safetensors.torch.load_file(a / "data/model/model.safetensors")
+    two = safetensors.torch.load_file(b / "data/model/model.safetensors")
+    assert one.keys() == two.keys()
+    for key in one:
+        torch.testing.assert_close(one[key], two[key], rtol=1e-4, atol=2e-5, msg=key)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_two_fsdp_ranks_equal_one_process(workspace, tmp_path, preset):  # noqa: F811
+    single = prepare(workspace, tmp_path / "single", PRESETS[preset])
+    fsdp = prepare(workspace, tmp_path / "fsdp", PRESETS[preset], parallel="fsdp")
+    run_stage(single, 1)
+    run_stage(fsdp, 2)
+    assert_same_training(single, fsdp)
+    state = json.loads((fsdp / "data/checkpoints/step-000020/state.json").read_text())
+    assert state["data"]["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_activation_checkpointing_changes_nothing(workspace, tmp_path):  # noqa: F811
+    off = prepare(workspace, tmp_path / "off", PRESETS["qwen3-style"], parallel="fsdp", max_steps=10)
+    on = prepare(workspace, tmp_path / "on", PRESETS["qwen3-style"], parallel="fsdp", max_steps=10,
+                 activation_checkpointing=True)
+    run_stage(off, 2)
+    run_stage(on, 2)
+    assert_same_training(off, on)
+
+
+@pytest.mark.slow
+def test_two_rank_fsdp_checkpoint_resumes_on_one_process(workspace, tmp_path):  # noqa: F811
+    constant = {"schedule": "constant", "max_steps": 12, "checkpoint_every": 6}  # max_steps may grow on resume
+    whole = prepare(workspace, tmp_path / "whole", PRESETS["tiny"], **constant)
+    run_stage(whole, 1)
+    split = prepare(workspace, tmp_path / "split", PRESETS["tiny"], **{**constant, "max_steps": 6},
+                    parallel="fsdp")
+    run_stage(split, 2)
+    write_params(split, train={**TRAIN, **constant, "parallel": "fsdp"},
+                 model={"vocab_size": None, "d_model": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 64,
+                        "preset": "tiny"})
+    run_stage(split, 1)
+    assert json.loads((split / "data/checkpoints/step-000012/state.json").read_text())["data"]["world_size"] == 1
+    assert_same_training(whole, split)
