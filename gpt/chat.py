@@ -31,6 +31,7 @@ ROLES = ("system", "user", "assistant")
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 END_TOKEN = "<|end|>"
 CHAT_TOKENS = (*ROLE_TOKENS.values(), END_TOKEN)
+THINK_TOKENS = ("<think>", "</think>")  # an assistant reply may reason inside these before its answer (issue 14)
 
 
 class ChatFormatError(GptError, ValueError):
@@ -140,3 +141,41 @@ class ChatTemplate:
 
 def _as_messages(messages: Iterable[Message | Mapping[str, Any]]) -> list[Message]:
     return [m if isinstance(m, Message) else Message(str(m["role"]), str(m["content"])) for m in messages]
+
+
+@dataclasses.dataclass
+class ReplyParts:
+    """An assistant reply's ids split at its `<think>…</think>` block (control symbols: they decode to "")."""
+
+    thinking: list[int]  # inside the block (empty without one)
+    answer: list[int]  # after `</think>`, or the whole reply without a block
+    well_formed: bool  # no block, or exactly one `<think>` at the start closed by one `</think>`
+
+
+def think_ids(tokenizer: Any) -> tuple[int, int] | None:
+    """(`<think>` id, `</think>` id), or None for a tokenizer trained without them (older models)."""
+    if not hasattr(tokenizer, "piece_to_id"):
+        return None
+    ids = tuple(tokenizer.piece_to_id(p) for p in THINK_TOKENS)
+    if any(i is None or i < 0 or (hasattr(tokenizer, "id_to_piece") and tokenizer.id_to_piece(i) != p)
+           for i, p in zip(ids, THINK_TOKENS)):
+        return None
+    return ids  # type: ignore[return-value]
+
+
+def split_reply(ids: Iterable[int], think: tuple[int, int] | None) -> ReplyParts:
+    """Split a reply (without its closing `<|end|>`) into thinking and answer ids."""
+    ids = list(ids)
+    if think is None:
+        return ReplyParts([], ids, True)
+    open_id, close_id = think
+    opens, closes = ids.count(open_id), ids.count(close_id)
+    if opens == 0 and closes == 0:
+        return ReplyParts([], ids, True)
+    if close_id not in ids:  # an unclosed block: all thinking, no answer
+        start = ids.index(open_id) + 1
+        return ReplyParts(ids[start:], [], False)
+    end = ids.index(close_id)
+    start = ids.index(open_id) + 1 if open_id in ids[:end] else 0
+    well_formed = opens == 1 and closes == 1 and ids[0] == open_id
+    return ReplyParts(ids[start:end], ids[end + 1:], well_formed)

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
+from gpt.chat import split_reply, think_ids
 from gpt.sft.tasks import Problem, check_answer
 
 
@@ -126,21 +127,27 @@ class RewardBreakdown:
     reward: torch.Tensor  # (B,) correctness + format_weight * formatted
     correct: torch.Tensor  # (B,) 0/1
     formatted: torch.Tensor  # (B,) 0/1
+    answers: list[str] = dataclasses.field(default_factory=list)  # each row's decoded answer (after </think>)
+    thinking: list[str] = dataclasses.field(default_factory=list)  # each row's decoded thinking ("" without)
 
 
 def task_rewards(tokenizer, problems: Sequence[Problem], rollout: Rollout, format_weight: float = 0.0
                  ) -> RewardBreakdown:
     """Rewards of a rollout over SFT task problems (`problems[i]` is the prompt of rows i*G .. (i+1)*G - 1).
 
-    Correctness: `check_answer` on the decoded completion. Format: the answer was closed by the stop token.
-    (With <think>…</think> reasoning, format will also ask for a well-formed think block and score the answer
-    after it — issue 14, later.)"""
+    A reply may think inside `<think>…</think>` (gpt.chat.split_reply) before its answer.
+    Format (0/1): the thinking block, if any, is well formed and is followed by a non-empty answer closed by the
+    stop token (not cut at max_new_tokens). Correctness (0/1): `check_answer` on the decoded answer alone."""
     G = rollout.group_size
-    texts = [tokenizer.decode(ids) for ids in rollout.completions()]
+    think = think_ids(tokenizer)
+    parts = [split_reply(ids, think) for ids in rollout.completions()]
+    answers = [tokenizer.decode(p.answer) for p in parts]
     correct = torch.tensor([float(check_answer(problems[i // G].task, text, problems[i // G].answer))
-                            for i, text in enumerate(texts)])
-    formatted = rollout.stopped.float().cpu()
-    return RewardBreakdown(correct + format_weight * formatted, correct, formatted)
+                            for i, text in enumerate(answers)])
+    formatted = torch.tensor([float(bool(stopped) and p.well_formed and bool(text.strip()))
+                              for p, text, stopped in zip(parts, answers, rollout.stopped.tolist())])
+    return RewardBreakdown(correct + format_weight * formatted, correct, formatted, answers,
+                           [tokenizer.decode(p.thinking) for p in parts])
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
