@@ -121,6 +121,8 @@ def _add_chat(sub: Any) -> None:
     chat.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold (default: 0.95)")
     chat.add_argument("--seed", type=int, default=None, help="makes the replies reproducible")
     chat.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    chat.add_argument("--show-thinking", action="store_true",
+                      help="print the reply's <think>…</think> reasoning too (default: the answer only)")
     _add_threads(chat)
 
 
@@ -285,12 +287,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 CHAT_HELP = "/reset starts a new conversation, /exit or Ctrl-D quits, Ctrl-C stops a reply"
 
 
-def _chat_reply(loaded: Any, template: Any, prompt_ids: list[int], spec: Any, gen: Any) -> tuple[str, str]:
+def _chat_reply(loaded: Any, template: Any, prompt_ids: list[int], spec: Any, gen: Any,
+                show_thinking: bool = False) -> tuple[str, str]:
     """Stream one assistant turn to stdout; Ctrl-C stops it (finish reason "interrupted"). Returns (text, finish)."""
     from gpt.generate import stream_chat
 
     pieces, finish = [], "length"
-    stream = stream_chat(loaded.model, template, prompt_ids, spec, gen)
+    stream = stream_chat(loaded.model, template, prompt_ids, spec, gen, show_thinking=show_thinking)
     try:
         for delta in stream:
             sys.stdout.write(delta.text)
@@ -352,7 +355,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             history = history[prompt.num_dropped:]
         sys.stdout.write("assistant> ")
         sys.stdout.flush()
-        reply, finish = _chat_reply(loaded, template, prompt.ids, spec, gen)
+        reply, finish = _chat_reply(loaded, template, prompt.ids, spec, gen, args.show_thinking)
         if finish == "interrupted":
             print("[reply stopped]", file=sys.stderr)
         elif finish == "length":

@@ -395,11 +395,36 @@ def chat_stop_ids(template: Any) -> list[int]:
 
 def stream_chat(model: Any, template: Any, prompt_ids: Sequence[int], spec: SamplingSpec,
                 generator: torch.Generator | None = None,
-                cancelled: Callable[[], bool] = lambda: False) -> Iterator[Delta]:
+                cancelled: Callable[[], bool] = lambda: False, show_thinking: bool = True) -> Iterator[Delta]:
     """Stream the assistant's turn after `prompt_ids` (from `encode_chat`/`trim_chat`) as `stream_completion` does,
-    ending (finish reason "stop") at `<|end|>` or EOS, which are not part of the text."""
-    return stream_completion(model, template.tokenizer, prompt_ids, spec, generator, cancelled,
-                             stop_ids=chat_stop_ids(template), continues_prompt=False)
+    ending (finish reason "stop") at `<|end|>` or EOS, which are not part of the text. A `<think>…</think>` part
+    (control symbols: they decode to "") is shown between those literal markers, or left out with
+    show_thinking=False."""
+    deltas = stream_completion(model, template.tokenizer, prompt_ids, spec, generator, cancelled,
+                               stop_ids=chat_stop_ids(template), continues_prompt=False)
+    from gpt.chat import think_ids
+
+    think = think_ids(template.tokenizer)
+    return deltas if think is None else mark_thinking(deltas, think, show_thinking)
+
+
+def mark_thinking(deltas: Iterator[Delta], think: tuple[int, int], show: bool) -> Iterator[Delta]:
+    """Deltas with the thinking part marked ("<think>" … "</think>") or dropped, by the deltas' token ids.
+    (A delta's text can lag its tokens by a held-back character or two; the cut is at delta boundaries.)"""
+    open_id, close_id = think
+    inside = False
+    for delta in deltas:
+        text = delta.text
+        for token in delta.token_ids:
+            if token == open_id and not inside:
+                inside = True
+                text = text + "<think>" if show else ""
+            elif token == close_id and inside:
+                inside = False
+                text = text + "</think>" if show else ""
+            elif inside and not show:
+                text = ""
+        yield dataclasses.replace(delta, text=text)
 
 
 def generate_chat(model: Any, template: Any, messages: Any, spec: SamplingSpec,

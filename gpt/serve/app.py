@@ -280,7 +280,7 @@ def _token_prompt(ids: list[int], loaded: LoadedModel) -> Prompt:
 
 
 def submit_job(app: FastAPI, prompt_ids: list[int], spec: SamplingSpec, n: int,
-               chat_template: Any = None) -> tuple[Job, asyncio.Queue]:
+               chat_template: Any = None, show_thinking: bool = True) -> tuple[Job, asyncio.Queue]:
     """Queue a job producing `(choice_index, Delta)` items, then None (or an Exception) on an asyncio queue.
     With a `chat_template` (gpt.chat.ChatTemplate) each choice is an assistant turn (gpt.generate.stream_chat)."""
     loop = asyncio.get_running_loop()
@@ -296,7 +296,7 @@ def submit_job(app: FastAPI, prompt_ids: list[int], spec: SamplingSpec, n: int,
             device = next(loaded.model.parameters()).device
             gen = make_generator(spec.seed, device)  # the n samples are drawn in turn from one seeded sequence
             for index in range(n):
-                deltas = (stream_chat(loaded.model, chat_template, prompt_ids, spec, gen, cancelled)
+                deltas = (stream_chat(loaded.model, chat_template, prompt_ids, spec, gen, cancelled, show_thinking)
                           if chat_template is not None
                           else stream_completion(loaded.model, loaded.tokenizer, prompt_ids, spec, gen, cancelled))
                 for delta in deltas:

@@ -36,6 +36,7 @@ class ChatRequest(SamplingRequest):
 
     messages: Any = None  # checked by gpt.chat.parse_messages, so an error names the message and field
     max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens
+    show_thinking: bool = False  # include the reply's <think>…</think> part (between those markers) in content
     # OpenAI fields we do not implement: rejected when used rather than silently ignored
     logprobs: bool | None = None
     top_logprobs: int | None = None
@@ -167,7 +168,8 @@ def add_chat_routes(app: FastAPI, submit_job: Callable[..., Any], collect_job: C
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatRequest, request: Request) -> JSONResponse | StreamingResponse:
         prompt_ids, spec = validate_chat(body, loaded, template, cfg, error)
-        job, out = submit_job(app, prompt_ids, spec, body.n, chat_template=template)
+        job, out = submit_job(app, prompt_ids, spec, body.n, chat_template=template,
+                              show_thinking=body.show_thinking)
         cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
