@@ -35,6 +35,7 @@ SHRINK: dict[str, dict] = {
     "train": {"max_steps": 30, "batch_size": 8, "seq_len": 64, "warmup_steps": 5, "eval_every": 10,
               "eval_windows": 8, "checkpoint_every": 15, "log_every": 5, "progress": False},
     "evaluate": {"max_windows": 20, "max_new_tokens": 8, "prompts": ["The"]},
+    "rl": {"steps": 3, "prompts_per_step": 2, "group_size": 2, "max_new_tokens": 6, "heldout_items": 2},
 }
 # Stages whose outputs must be bit-identical when re-run (their metrics too, except files listed as timed).
 DETERMINISTIC_STAGES = ["prepare", "sft_data", "tokenizer", "tokenize"]
@@ -98,6 +99,16 @@ def _check_tokenize(project: Path, metrics: dict, params: dict) -> None:
         shards = TokenShards(project / params["paths"]["shards"] / split, tok.sha256, tok.vocab_size)
         assert shards.num_tokens == metrics[split]["num_tokens"] > 0
         assert shards.num_documents == metrics[split]["num_documents"]
+
+
+@check("rl")
+def _check_rl(project: Path, metrics: dict, params: dict) -> None:
+    from gpt.model_dir import load_model, read_lineage
+
+    rl = params["rl"]
+    assert metrics["train"]["steps"] == rl["steps"] and metrics["heldout"]["after"]["items"] > 0
+    out = project / params["paths"]["rl_model"]
+    assert read_lineage(out).extra["kind"] == "rl" and load_model(out).config.d_model == params["model"]["d_model"]
 
 
 def _env(tmp_path: Path) -> dict:

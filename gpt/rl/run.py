@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from gpt.chat import ChatTemplate, split_reply, think_ids
+from gpt.errors import GptError
 from gpt.generate import SamplingSpec, generate_chat
 from gpt.rl.config import RLConfig
 from gpt.rl.loop import rl_step
@@ -47,6 +48,15 @@ def split_problems(cfg: RLConfig, heldout_fraction: float, salt: str) -> tuple[l
     heldout = [p for task in cfg.tasks for p in sample_problems(task, cfg.heldout_items, cfg.seed, heldout=True,
                                                                  heldout_fraction=heldout_fraction, salt=salt)]
     return train, heldout
+
+
+class RLError(GptError, ValueError):
+    pass
+
+
+def _fitting(template: ChatTemplate, problems: list[Problem], limit: int) -> list[Problem]:
+    """The problems whose chat prompt leaves room for the completion (rollouts do not slide the window)."""
+    return [p for p in problems if len(template.render_prompt([{"role": "user", "content": p.prompt}])) <= limit]
 
 
 def exact_match(model: torch.nn.Module, template: ChatTemplate, problems: list[Problem],
@@ -83,6 +93,12 @@ def run_rl(model: torch.nn.Module, template: ChatTemplate, cfg: RLConfig, heldou
     """cfg.steps RL steps on `model` (float32, modified in place); held-out exact match before and after."""
     torch.manual_seed(cfg.seed)
     train, heldout = split_problems(cfg, heldout_fraction, salt)
+    train, heldout = (_fitting(template, problems, model.config.max_seq_len - cfg.max_new_tokens)
+                      for problems in (train, heldout))
+    if len(train) < cfg.steps * cfg.prompts_per_step or not heldout:
+        raise RLError(f"rl: too few task prompts fit the model's context of {model.config.max_seq_len} tokens with "
+                      f"rl.max_new_tokens={cfg.max_new_tokens} ({len(train)} training, {len(heldout)} held-out); "
+                      f"lower rl.max_new_tokens or choose shorter rl.tasks")
     generator = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(len(train), generator=generator).tolist()
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.kl_coef > 0 else None
