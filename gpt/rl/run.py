@@ -45,7 +45,8 @@ def split_problems(cfg: RLConfig, heldout_fraction: float, salt: str) -> tuple[l
     pool_size = cfg.steps * cfg.prompts_per_step
     train = [p for task in cfg.tasks for p in sample_problems(task, pool_size, cfg.seed, heldout=False,
                                                                heldout_fraction=heldout_fraction, salt=salt)]
-    heldout = [p for task in cfg.tasks for p in sample_problems(task, cfg.heldout_items, cfg.seed, heldout=True,
+    # the held-out problems do not depend on rl.seed, so runs with different seeds are scored on the same items
+    heldout = [p for task in cfg.tasks for p in sample_problems(task, cfg.heldout_items, 0, heldout=True,
                                                                  heldout_fraction=heldout_fraction, salt=salt)]
     return train, heldout
 
