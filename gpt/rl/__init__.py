@@ -10,7 +10,8 @@ Module map:
 - `ppo.py`      the value head on the trunk's hidden states, GAE, clipped value loss and one PPO update
                 (`ppo_update`) — Schulman et al. 2017; GAE: Schulman et al. 2016.
 - `loop.py`     `rl_step`: sample → reward → update, dispatching on `RLConfig.algorithm`.
+- `run.py`      `run_rl`: the `rl` stage's run (task prompts, held-out exact match before/after, samples).
 
 The model stays plain: the value head and the RL losses are applied from outside through `model.hidden_states`
-and `model.lm_head`. Not yet wired into params.yaml / dvc.yaml (issue 14's `rl` stage).
+and `model.lm_head`. params.yaml `rl:` is `RLConfig`; stages/rl.py is the `rl` stage.
 """
