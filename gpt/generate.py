@@ -323,12 +323,17 @@ def generate_text(model: Any, tokenizer: Any, prompt: str, spec: SamplingSpec,
                   generator: torch.Generator | None = None) -> Completion:
     """Complete `prompt` in one call (the streamed deltas joined)."""
     encoded = encode_prompt(tokenizer, prompt, int(model.config.max_seq_len))
+    return collect(stream_completion(model, tokenizer, encoded.ids, spec, generator), len(encoded.ids))
+
+
+def collect(deltas: Iterator[Delta], prompt_tokens: int) -> Completion:
+    """A whole completion from its streamed deltas (text joined, ids concatenated, the last finish reason)."""
     pieces, finish, ids = [], "length", []
-    for delta in stream_completion(model, tokenizer, encoded.ids, spec, generator):
+    for delta in deltas:
         pieces.append(delta.text)
         ids += delta.token_ids
         finish = delta.finish_reason or finish
-    return Completion("".join(pieces), finish, len(encoded.ids), ids)
+    return Completion("".join(pieces), finish, prompt_tokens, ids)
 
 
 # ---------------------------------------------------------------- chat turns
@@ -434,9 +439,4 @@ def generate_chat(model: Any, template: Any, messages: Any, spec: SamplingSpec,
     limit = int(model.config.max_seq_len) - 1
     if len(prompt.ids) > limit:
         raise GenerationInputError("messages", f"{len(prompt.ids)} tokens, the context holds {limit}")
-    pieces, finish, ids = [], "length", []
-    for delta in stream_chat(model, template, prompt.ids, spec, generator):
-        pieces.append(delta.text)
-        ids += delta.token_ids
-        finish = delta.finish_reason or finish
-    return Completion("".join(pieces), finish, len(prompt.ids), ids)
+    return collect(stream_chat(model, template, prompt.ids, spec, generator), len(prompt.ids))
