@@ -154,6 +154,9 @@ def _add_serve(sub: Any) -> None:
     serve.add_argument("--max-queue", type=_positive_int, default=d.max_queue,
                        help=f"requests that may wait for the generation worker; more get HTTP 503 + Retry-After "
                             f"(default: {d.max_queue})")
+    serve.add_argument("--max-batch", type=_positive_int, default=d.max_batch,
+                       help="generations decoded together (continuous batching; one KV-cache slot each); "
+                            f"1 = one at a time (default: {d.max_batch})")
     serve.add_argument("--api-key", default=None,
                        help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV}; unset = open)")
     serve.add_argument("--allow-host", action="append", default=[], metavar="NAME",
@@ -441,7 +444,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           max_tokens=args.max_tokens, max_n=args.max_n,
                           default_max_tokens=args.default_max_tokens
                           or min(args.max_tokens, ServeConfig.default_max_tokens),
-                          max_body_bytes=args.max_body_bytes, max_queue=args.max_queue, api_key=api_key,
+                          max_body_bytes=args.max_body_bytes, max_queue=args.max_queue, max_batch=args.max_batch,
+                          api_key=api_key,
                           allowed_hosts=tuple(args.allow_host), max_connections=args.max_connections,
                           header_timeout=args.header_timeout, body_timeout=args.body_timeout,
                           drain_timeout=args.drain_timeout)

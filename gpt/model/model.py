@@ -18,7 +18,7 @@ from torch import nn
 
 from gpt.model import generation
 from gpt.model.attention import CausalSelfAttention, build_attention_mask
-from gpt.model.cache import KVCache
+from gpt.model.cache import BatchKVCache, KVCache
 from gpt.model.config import ModelConfig
 from gpt.model.loss import next_token_loss
 from gpt.model.mlp import build_dense_mlp
@@ -103,23 +103,27 @@ class DecoderOnlyTransformer(nn.Module):
         return logits, loss
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                      cache: KVCache | None = None) -> torch.Tensor:
+                      cache: KVCache | BatchKVCache | None = None) -> torch.Tensor:
         """Final-norm hidden states (B, T, d_model); with a cache, continues after the cached tokens."""
         return self._run_blocks(input_ids, attention_mask, cache)[0]
 
     def _run_blocks(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                    cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                    cache: KVCache | BatchKVCache | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """→ (final-norm hidden states (B, T, C), mean MoE load-balancing loss over the MoE blocks or None)."""
         B, T = input_ids.shape
-        past = cache.length if cache is not None else 0
+        past = cache.length if isinstance(cache, KVCache) else 0  # a BatchKVCache checks its rows in begin()
         if past + T > self.config.max_seq_len:
             raise ValueError(
                 f"sequence of {past + T} tokens is longer than max_seq_len={self.config.max_seq_len}; "
                 "truncate the input (generate() slides the window itself)"
             )
-        key_padding = self._key_padding(attention_mask, cache, B, T)
-        positions = self._positions(key_padding, past, T, input_ids.device)
-        mask, is_causal = build_attention_mask(T, past, key_padding, input_ids.device)
+        if isinstance(cache, BatchKVCache):  # rows of different lengths (continuous batching): the cache knows
+            key_padding, is_causal = None, False
+            positions, mask = cache.begin(B, T)
+        else:
+            key_padding = self._key_padding(attention_mask, cache, B, T)
+            positions = self._positions(key_padding, past, T, input_ids.device)
+            mask, is_causal = build_attention_mask(T, past, key_padding, input_ids.device)
         x = self.dropout(self.positions.embed(self.tok_embeddings(input_ids), positions))  # (B, T, C)
         aux_losses = []
         for block in self.blocks:
@@ -197,9 +201,19 @@ class DecoderOnlyTransformer(nn.Module):
         bf16 than in fp32 (bench/README.md), and the cache is small next to the weights. Elsewhere: the model's dtype.
         """
         cfg, ref = self.config, self.tok_embeddings.weight
-        dtype = torch.float32 if ref.device.type == "cpu" and ref.dtype in (torch.bfloat16, torch.float16) else ref.dtype
         return KVCache(cfg.n_layers, batch_size, cfg.kv_heads, capacity or cfg.max_seq_len, cfg.resolved_head_dim,
-                       ref.device, dtype)
+                       ref.device, self._cache_dtype())
+
+    def new_batch_cache(self, slots: int) -> BatchKVCache:
+        """A cache of `slots` sequences of up to max_seq_len positions each, every one with its own length
+        (continuous batching, gpt/serve/batch.py); same dtype choice as `new_cache`."""
+        cfg = self.config
+        return BatchKVCache(cfg.n_layers, slots, cfg.kv_heads, cfg.max_seq_len, cfg.resolved_head_dim,
+                            self.tok_embeddings.weight.device, self._cache_dtype())
+
+    def _cache_dtype(self) -> torch.dtype:
+        ref = self.tok_embeddings.weight
+        return torch.float32 if ref.device.type == "cpu" and ref.dtype in (torch.bfloat16, torch.float16) else ref.dtype
 
     # ---- generation (see generation.py) ----
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

@@ -11,8 +11,9 @@ Routes
 
 What a completion is (sampling values, prompt encoding, empty-prompt start token, streamed text, stop strings)
 is decided by the generation front door, gpt/generate.py; this module adds HTTP, limits and queueing.
-Generations run one at a time on a single worker thread fed by a bounded FIFO queue (see engine.py for why);
-a full queue answers 503 with Retry-After. When a client disconnects (streamed or not), its job is cancelled:
+Generations run on worker threads fed by a bounded FIFO queue (engine.py): one at a time with serve.max_batch 1,
+else up to max_batch at once, decoded together by one scheduler (continuous batching, batch.py); a full queue
+answers 503 with Retry-After. When a client disconnects (streamed or not), its job is cancelled:
 dropped if still queued, stopped between two tokens if running.
 
 Every error, from any layer (routing, JSON parsing, validation, limits, auth), is a 4xx/5xx in OpenAI's shape
@@ -32,6 +33,7 @@ import contextlib
 import hmac
 import ipaddress
 import json
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -54,6 +56,7 @@ from gpt.generate import (
     stream_completion,
 )
 from gpt.model_dir import LoadedModel
+from gpt.serve.batch import BatchScheduler
 from gpt.serve.chat import add_chat_routes
 from gpt.serve.config import ServeConfig
 from gpt.serve.engine import Job, QueueFull, Worker
@@ -287,24 +290,27 @@ def submit_job(app: FastAPI, prompt_ids: list[int], spec: SamplingSpec, n: int,
     out: asyncio.Queue = asyncio.Queue()
     loaded: LoadedModel = app.state.loaded
     stats: dict[str, int] = app.state.stats
+    model = app.state.generation_model  # the model, or the batching scheduler's stand-in for it
 
     def put(item: Any) -> None:
         loop.call_soon_threadsafe(out.put_nowait, item)
 
     def run(cancelled: Any) -> None:
         try:
-            device = next(loaded.model.parameters()).device
+            device = next(model.parameters()).device
             gen = make_generator(spec.seed, device)  # the n samples are drawn in turn from one seeded sequence
             for index in range(n):
-                deltas = (stream_chat(loaded.model, chat_template, prompt_ids, spec, gen, cancelled, show_thinking)
+                deltas = (stream_chat(model, chat_template, prompt_ids, spec, gen, cancelled, show_thinking)
                           if chat_template is not None
-                          else stream_completion(loaded.model, loaded.tokenizer, prompt_ids, spec, gen, cancelled))
+                          else stream_completion(model, loaded.tokenizer, prompt_ids, spec, gen, cancelled))
                 for delta in deltas:
                     put((index, delta))
                     if delta.finish_reason is not None:
-                        stats["completion_tokens"] += delta.num_tokens
+                        with app.state.stats_lock:
+                            stats["completion_tokens"] += delta.num_tokens
                 if cancelled():
-                    stats["cancelled"] += 1
+                    with app.state.stats_lock:
+                        stats["cancelled"] += 1
                     break
             put(None)
         except Exception as err:  # reported to the client, the worker keeps running
@@ -395,19 +401,24 @@ async def collect_job(request: Request, job: Job, out: asyncio.Queue, n: int) ->
 def create_app(loaded: LoadedModel, config: ServeConfig | None = None) -> FastAPI:
     """The server app for one loaded model. The worker thread starts here and stops with the app."""
     cfg = config or ServeConfig()
-    worker = Worker(cfg.max_queue)
+    worker = Worker(cfg.max_queue, threads=cfg.max_batch)
+    scheduler = BatchScheduler(loaded.model, cfg.max_batch) if cfg.max_batch > 1 else None
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
         worker.shutdown()  # after the server's drain deadline: cancels what is still queued or running
+        if scheduler is not None:
+            scheduler.shutdown()
 
     # no /docs or /redoc: FastAPI's pages load Swagger/ReDoc from a CDN (blank offline); /openapi.json stays
     app = FastAPI(title="gpt-pipeline", summary="OpenAI-compatible completions for a gpt-pipeline model",
                   lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.loaded, app.state.config, app.state.worker = loaded, cfg, worker
-    # counters, written only by the worker thread: generated tokens, generations stopped by a disconnect
-    app.state.stats = {"completion_tokens": 0, "cancelled": 0}
+    app.state.scheduler = scheduler
+    app.state.generation_model = scheduler.model if scheduler is not None else loaded.model
+    # counters, written by the worker threads: generated tokens, generations stopped by a disconnect
+    app.state.stats, app.state.stats_lock = {"completion_tokens": 0, "cancelled": 0}, threading.Lock()
     app.add_middleware(BodyReader, max_bytes=cfg.max_body_bytes, timeout=cfg.body_timeout)
     if cfg.api_key:
         app.add_middleware(BearerAuth, api_key=cfg.api_key)
@@ -424,6 +435,7 @@ def create_app(loaded: LoadedModel, config: ServeConfig | None = None) -> FastAP
     async def health() -> dict:
         worker: Worker = app.state.worker
         return {"status": "ok", "model": loaded.name, "busy": worker.busy.is_set(), "queued": worker.queued(),
+                "running": worker.num_running(),
                 "max_seq_len": loaded.max_seq_len, "limits": cfg.limits(), "stats": dict(app.state.stats)}
 
     card = {"id": loaded.name, "object": "model", "created": started, "owned_by": "gpt-pipeline"}

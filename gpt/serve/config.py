@@ -25,6 +25,9 @@ class ServeConfig:
     # Requests waiting for the generation worker; more get 503 + Retry-After. 64 lets 50 clients of the default
     # model all wait their turn; the price is latency: the last of them waits for every generation ahead of it.
     max_queue: int = 64
+    # Generations decoded together (continuous batching, gpt/serve/batch.py): one KV-cache slot of max_seq_len
+    # positions each, allocated at start. 1 = one generation at a time, the plain batch-1 path.
+    max_batch: int = 8
     # access control: a Bearer key for /v1/* (None = open), Host names accepted besides IP literals and
     # localhost (DNS-rebinding guard; "*" accepts any)
     api_key: str | None = dataclasses.field(default=None, repr=False)
@@ -39,7 +42,7 @@ class ServeConfig:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"serve.port: {self.port} is not a TCP port (0..65535)")
         for name in ("max_prompt_tokens", "max_tokens", "default_max_tokens", "max_n", "max_stop",
-                     "max_body_bytes", "max_queue", "max_connections"):
+                     "max_body_bytes", "max_queue", "max_batch", "max_connections"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"serve.{name}: must be >= 1, got {getattr(self, name)}")
         for name in ("header_timeout", "body_timeout", "drain_timeout"):
@@ -55,4 +58,4 @@ class ServeConfig:
 
     def limits(self) -> dict[str, int]:
         return {k: getattr(self, k) for k in ("max_prompt_tokens", "max_tokens", "default_max_tokens", "max_n",
-                                              "max_stop", "max_body_bytes", "max_queue")}
+                                              "max_stop", "max_body_bytes", "max_queue", "max_batch")}

@@ -1,12 +1,15 @@
-"""The server's generation worker: one background thread running generations one at a time from a bounded FIFO
-queue. What a generation *is* (sampling spec, prompt encoding, streamed text, stop strings) lives in the front door,
-gpt/generate.py; this module only decides when each one runs.
+"""The server's generation workers: threads running queued generations from one bounded FIFO queue. What a
+generation *is* (sampling spec, prompt encoding, streamed text, stop strings) lives in the front door,
+gpt/generate.py; this module only decides when each one starts.
 
-Why one worker and a queue (not a lock per request, not batching): on a CPU a single batch-1 decode already uses
-every core, so two generations at once only thrash each other; a FIFO queue keeps arrival order, a bounded
-queue turns overload into an immediate "busy" answer instead of an unbounded pile-up, and a cancelled request
-(client went away) is dropped from the queue or stopped between two tokens. `shutdown` cancels whatever is still
-queued or running (the server's drain deadline has passed by then).
+One worker thread (`serve.max_batch` 1) runs generations one at a time: on a CPU a batch-1 decode already uses every
+core, so two independent generations only thrash each other. With `max_batch` > 1 there are that many worker
+threads, and their generations share the model through gpt/serve/batch.py: one scheduler thread runs every decode
+step for all of them at once (continuous batching), which costs little more per step than one sequence does.
+Either way a FIFO queue keeps arrival order, a bounded queue turns overload into an immediate "busy" answer
+instead of an unbounded pile-up, and a cancelled request (client went away) is dropped from the queue or stopped
+between two tokens. `shutdown` cancels whatever is still queued or running (the server's drain deadline has passed
+by then).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import queue
 import threading
+import time
 from collections.abc import Callable
 
 
@@ -23,7 +27,7 @@ class QueueFull(RuntimeError):
 
 @dataclasses.dataclass
 class Job:
-    """One queued request: `run()` executes in the worker thread; `cancel()` may be called from anywhere."""
+    """One queued request: `run()` executes in a worker thread; `cancel()` may be called from anywhere."""
 
     run: Callable[[Callable[[], bool]], None]
     cancel_event: threading.Event = dataclasses.field(default_factory=threading.Event)
@@ -37,24 +41,42 @@ class Job:
 
 
 class Worker:
-    """A single daemon thread running jobs in FIFO order from a bounded queue."""
+    """`threads` daemon threads running jobs in FIFO order from one bounded queue (a job waits in the queue
+    only while every thread is busy)."""
 
-    def __init__(self, max_queue: int = 16):
-        self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
-        self.thread = threading.Thread(target=self._loop, name="gpt-generation-worker", daemon=True)
-        self.busy = threading.Event()
-        self.current: Job | None = None  # the job running now
+    def __init__(self, max_queue: int = 16, threads: int = 1):
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        self.max_queue = max_queue
+        self.jobs: queue.Queue[Job | None] = queue.Queue()  # bounded by `submit` (stop marks must never block)
+        self.busy = threading.Event()  # set while any job runs
+        self._running_jobs: dict[int, Job] = {}
+        self._lock = threading.Lock()
         self.closed = False
-        self.thread.start()
+        self.threads = [threading.Thread(target=self._loop, name=f"gpt-generation-worker-{i}", daemon=True)
+                        for i in range(threads)]
+        for thread in self.threads:
+            thread.start()
 
     def submit(self, job: Job) -> Job:
-        if self.closed:
-            raise QueueFull("server shutting down")
-        try:
+        with self._lock:
+            if self.closed:
+                raise QueueFull("server shutting down")
+            if self.jobs.qsize() >= self.max_queue:
+                raise QueueFull(f"server busy: {self.max_queue} requests are already waiting")
             self.jobs.put_nowait(job)
-        except queue.Full:
-            raise QueueFull(f"server busy: {self.jobs.maxsize} requests are already waiting") from None
         return job
+
+    def _started(self, job: Job) -> None:
+        with self._lock:
+            self._running_jobs[id(job)] = job
+            self.busy.set()
+
+    def _ended(self, job: Job) -> None:
+        with self._lock:
+            self._running_jobs.pop(id(job), None)
+            if not self._running_jobs:
+                self.busy.clear()
 
     def _loop(self) -> None:
         while True:
@@ -63,22 +85,26 @@ class Worker:
                 return
             if job.cancelled:  # its client left while it waited
                 continue
-            self.busy.set()
-            self.current = job
+            self._started(job)
             try:
                 job.run(lambda job=job: job.cancelled)
             except Exception:  # the job reports its own errors; the worker must survive anything
                 pass
             finally:
-                self.current = None
-                self.busy.clear()
+                self._ended(job)
 
     def queued(self) -> int:
         return self.jobs.qsize()
 
+    def num_running(self) -> int:
+        with self._lock:
+            return len(self._running_jobs)
+
     def shutdown(self, timeout: float = 5.0) -> None:
-        """Cancel every queued job and the running one (it stops before its next token), then stop the thread."""
-        self.closed = True
+        """Cancel every queued job and the running ones (each stops before its next token), then stop the
+        threads (waiting up to `timeout` seconds in all)."""
+        with self._lock:
+            self.closed = True
         while True:
             try:
                 job = self.jobs.get_nowait()
@@ -86,8 +112,12 @@ class Worker:
                 break
             if job is not None:
                 job.cancel()
-        running = self.current
-        if running is not None:
-            running.cancel()
-        self.jobs.put(None)  # the queue is empty now: never blocks
-        self.thread.join(timeout=timeout)
+        with self._lock:
+            running = list(self._running_jobs.values())
+        for job in running:
+            job.cancel()
+        for _ in self.threads:
+            self.jobs.put(None)  # one stop mark per thread, taken as each thread ends its job
+        deadline = time.monotonic() + timeout
+        for thread in self.threads:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
