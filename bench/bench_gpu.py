@@ -83,13 +83,14 @@ def guarded(fn, *args) -> dict:
         torch.cuda.empty_cache()
 
 
-def train_throughput(kind: str, compiled: bool, batch: int, steps: int, cfg: ModelConfig) -> dict:
+def train_throughput(kind: str, compiled: bool | str, batch: int, steps: int, cfg: ModelConfig) -> dict:
     torch.manual_seed(0)
     model = (DecoderOnlyTransformer(cfg) if kind == "ours" else hf_gpt2(cfg)).cuda().train()
     fpt = flops_per_token(DecoderOnlyTransformer(cfg) if kind == "hf" else model, cfg.n_layers, cfg.d_model,
                           cfg.max_seq_len)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    run = torch.compile(model) if compiled else model
+    mode = compiled if isinstance(compiled, str) else None  # a torch.compile mode, e.g. max-autotune-no-cudagraphs
+    run = torch.compile(model, mode=mode) if compiled else model
     x = torch.randint(0, cfg.vocab_size, (batch, cfg.max_seq_len + 1), device="cuda")
 
     def step() -> None:
@@ -215,6 +216,8 @@ def main() -> None:
     parser.add_argument("--size", default="seed")
     parser.add_argument("--mode", default="fsdp")
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--ours", default="", help="only our compiled model at these batch[:compile-mode] settings, "
+                        "e.g. 128,64:max-autotune-no-cudagraphs")
     args = parser.parse_args()
     if args.fsdp_worker:
         fsdp_worker(args)
@@ -238,9 +241,11 @@ def main() -> None:
         (out_dir / "gpu.json").write_text(json.dumps(report, indent=1))
 
     section("ceilings", ceilings)
-    section("train", lambda: [guarded(train_throughput, kind, compiled, 64, args.steps, cfg)
-                              for kind, compiled in (("ours", False), ("hf", False), ("ours", True),
-                                                     ("hf", True))])
+    runs = [("ours", False, 64), ("hf", False, 64), ("ours", True, 64), ("hf", True, 64)]
+    if args.ours:
+        runs = [("ours", (item.split(":") + [True])[1], int(item.split(":")[0])) for item in args.ours.split(",")]
+    section("train", lambda: [guarded(train_throughput, kind, compiled, batch, args.steps, cfg)
+                              for kind, compiled, batch in runs])
     section("decode", lambda: [guarded(decode_throughput, kind, cfg) for kind in ("ours", "hf", "ours", "hf")])
     section("fsdp", lambda: fsdp_runs(args.steps))
 
