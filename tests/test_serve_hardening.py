@@ -281,7 +281,8 @@ def test_connections_beyond_the_limit_get_503(loaded):
 
 # ---------------------------------------------------------------- load
 def test_full_queue_answers_503_with_retry_after(loaded):
-    app = create_app(loaded, ServeConfig(max_queue=1, max_tokens=100_000))
+    # one at a time (max_batch 1): the second request waits; tests/test_serve_batching.py has the batched case
+    app = create_app(loaded, ServeConfig(max_queue=1, max_batch=1, max_tokens=100_000))
     with running(app, app.state.config) as url:
         body = {"prompt": PROMPT, "max_tokens": 50_000, "temperature": 0, "stream": True}
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as first:

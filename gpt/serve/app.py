@@ -401,8 +401,10 @@ async def collect_job(request: Request, job: Job, out: asyncio.Queue, n: int) ->
 def create_app(loaded: LoadedModel, config: ServeConfig | None = None) -> FastAPI:
     """The server app for one loaded model. The worker thread starts here and stops with the app."""
     cfg = config or ServeConfig()
-    worker = Worker(cfg.max_queue, threads=cfg.max_batch)
-    scheduler = BatchScheduler(loaded.model, cfg.max_batch) if cfg.max_batch > 1 else None
+    # batching needs the real model's cache hooks (a stand-in model, as in tests, runs one at a time)
+    batching = cfg.max_batch > 1 and hasattr(loaded.model, "new_batch_cache")
+    worker = Worker(cfg.max_queue, threads=cfg.max_batch if batching else 1)
+    scheduler = BatchScheduler(loaded.model, cfg.max_batch) if batching else None
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
