@@ -77,3 +77,23 @@ def test_config_errors():
         from_dict(TokenizeConfig, {"shard_tokens": 10}, "tokenize")
     with pytest.raises(ConfigError, match="tokenize.num_threads"):
         from_dict(TokenizeConfig, {"num_threads": 0}, "tokenize")
+
+
+def test_tokenize_does_not_import_pandas(tmp_path, corpus_and_tokenizer):
+    """pyarrow imports pandas the first time Python/NumPy objects are converted to Arrow (~0.15 s, the tokenize
+    stage's whole start-up gap to plain sentencepiece); the stage's code path must not trigger it."""
+    import subprocess
+    import sys
+
+    corpus, tok = corpus_and_tokenizer
+    code = (
+        "import sys\n"
+        "from gpt.data.tokenize import TokenizeConfig, tokenize_split\n"
+        "from gpt.tokenizer import Tokenizer\n"
+        f"tok = Tokenizer.load({str(tok.path)!r})\n"
+        "for split in ('train', 'val'):\n"
+        f"    tokenize_split(tok, {str(corpus)!r}, split, {str(tmp_path)!r} + '/' + split, TokenizeConfig())\n"
+        "print('pandas' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

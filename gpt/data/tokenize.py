@@ -3,6 +3,11 @@
 Reading the next Parquet batch, encoding (sentencepiece, its own thread pool, GIL released) and writing shards
 overlap: a background thread encodes batch i+1 while the main thread appends batch i to the shard writer. Memory
 holds two batches of text and one shard of tokens, whatever the corpus size.
+
+Nothing here converts Python or NumPy objects into Arrow (no `pa.array`, `pa.scalar`, compute calls with Python
+arguments, `to_numpy` of a computed array): pyarrow imports pandas the first time it does, ~0.15 s on an idle
+2-core machine — the whole start-up gap to plain sentencepiece on the default corpus (bench/README.md, tokenize).
+The split is selected in Python from the `split` column, and byte lengths are read from Arrow's offsets.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import pyarrow.compute as pc
+import pyarrow as pa
 from tqdm import tqdm
 
 from gpt.config import ConfigError
@@ -45,14 +50,24 @@ class TokenizeConfig:
             raise ConfigError(f"tokenize.num_threads: must be -1 (all cores) or >= 1, got {self.num_threads}")
 
 
+def _utf8_lengths(column: pa.Array) -> list[int]:
+    """UTF-8 byte length of each string of an Arrow string/large_string array, from its offsets buffer."""
+    offset_type = np.int64 if pa.types.is_large_string(column.type) else np.int32
+    offsets = np.frombuffer(column.buffers()[1], dtype=offset_type)[column.offset:column.offset + len(column) + 1]
+    return np.diff(offsets).tolist()
+
+
 def _text_batches(corpus_dir: Path, split: str, cfg: TokenizeConfig) -> Iterator[tuple[list[str], int]]:
     """(texts, their UTF-8 bytes) in corpus order, cut at batch_documents / batch_bytes."""
     texts: list[str] = []
     size = 0
-    for batch in read_corpus(corpus_dir, split=split, columns=["text"], batch_size=min(cfg.batch_documents, 1024)):
+    batch_size = min(cfg.batch_documents, 1024)
+    for batch in read_corpus(corpus_dir, columns=["text", "split"], batch_size=batch_size):
         column = batch.column("text")
-        lengths = pc.binary_length(column).to_numpy(zero_copy_only=False)
-        for text, length in zip(column.to_pylist(), lengths.tolist()):
+        rows = zip(column.to_pylist(), _utf8_lengths(column), batch.column("split").to_pylist())
+        for text, length, row_split in rows:
+            if row_split != split:
+                continue
             texts.append(text)
             size += length
             if len(texts) >= cfg.batch_documents or size >= cfg.batch_bytes:
