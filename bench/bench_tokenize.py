@@ -96,11 +96,15 @@ default (Python docs, cleaned by `prepare`) and copies of it K times larger; BPE
 is a fresh process (peak RSS = its VmHWM); methods are interleaved and the best of N runs is shown.
 Target from issue 3: ours >= 0.8x the peer's MB/s, and memory flat in corpus size.
 
-Reading the table: ours pays a one-time ~0.15-0.2 s start-up that the peer (whose reading is untimed) does not —
-the first Parquet read initializes pyarrow's reader and compute kernels (measured separately: first read 0.14-0.20 s,
-later ones ~0.01 s) — so the ratio is lowest on the small default corpus and ~1.0x once there is text to amortize
-it. Ours holds at most two batches (`tokenize.batch_bytes`, 8 MiB) of text and ids, so its peak memory stops growing
-with corpus size; the peer holds every text and every id list."""
+Where the start-up went: before 2026-11-30 ours paid a one-time ~0.15-0.2 s that the peer (whose reading is
+untimed) does not, so it was 0.69x on the small default corpus and ~1.0x once there was text to amortize it. It was
+not Parquet or a process pool: the first conversion of a Python or NumPy object into Arrow (`pc.equal(column,
+"train")` in the split filter, `pa.array(ids)` in the shard writer, `.to_numpy()` of a computed array) makes pyarrow
+import pandas (measured: 0.15 s idle, 0.5-1.5 s on the loaded machine; `'pandas' in sys.modules` flips exactly
+there). The stage now selects the split in Python, reads byte lengths from Arrow's offsets and wraps shard memory
+with `pa.Array.from_buffers`, so pandas is never imported (tests/test_data_tokenize.py checks it in a fresh
+process). Ours holds at most two batches (`tokenize.batch_bytes`, 8 MiB) of text and ids, so its peak memory stops
+growing with corpus size; the peer holds every text and every id list."""
 
 
 
