@@ -252,8 +252,8 @@ def main() -> None:
     name = torch.cuda.get_device_name(0)
     peak = next((p["bf16"] for k, p in PEAK_FLOPS.items() if k in name), None)
     measured = report["sections"].get("ceilings", {}).get("matmul_bf16_flops")
-    print(f"\n{name}, torch {torch.__version__}; datasheet bf16 peak {peak and peak / 1e12:.0f} TFLOP/s, "
-          f"measured matmul {measured and measured / 1e12:.0f} TFLOP/s")
+    print(f"\n{name}, torch {torch.__version__}; datasheet bf16 peak {(peak or 0) / 1e12:.0f} TFLOP/s, "
+          f"measured matmul {(measured or 0) / 1e12:.0f} TFLOP/s")
     for row in report["sections"].get("train", []) if isinstance(report["sections"].get("train"), list) else []:
         if "error" in row:
             print("train ERROR", row)
