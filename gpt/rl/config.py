@@ -14,12 +14,12 @@ Algorithm = Literal["grpo", "ppo"]
 @dataclasses.dataclass
 class RLConfig:
     algorithm: Algorithm = "grpo"
-    steps: int = 20  # rl_step calls (one batch of rollouts each)
+    steps: int = 100  # rl_step calls (one batch of rollouts each)
     prompts_per_step: int = 4
     group_size: int = 8  # completions sampled per prompt (GRPO's group; PPO uses it as plain batch size)
     max_new_tokens: int = 8
     temperature: float = 1.0  # sampling temperature; the training forward scores with the same one
-    lr: float = 1.0e-4
+    lr: float = 3.0e-4
     updates_per_batch: int = 1  # optimizer steps on one batch of rollouts (>1 makes the ratio clipping matter)
     clip_eps: float = 0.2  # PPO ratio clipping: ratio kept in [1 - eps, 1 + eps]
     normalize_std: bool = True  # GRPO: divide advantages by the group std (Dr. GRPO drops this)
@@ -29,8 +29,8 @@ class RLConfig:
     format_weight: float = 0.1
     max_grad_norm: float = 1.0
     # prompts: problems of these gpt.sft.tasks generators, training side only (sft_data.tasks' held-out split)
-    tasks: list[str] = dataclasses.field(default_factory=lambda: ["count_letter", "count_words", "max_number"])
-    heldout_items: int = 10  # held-out problems per task, answered greedily before, every eval_every steps, after
+    tasks: list[str] = dataclasses.field(default_factory=lambda: ["count_words"])
+    heldout_items: int = 40  # held-out problems per task, answered greedily before, every eval_every steps, after
     eval_every: int = 0  # 0 = only before and after
     samples: int = 4  # completions written to metrics/rl_samples.md
     seed: int = 0

@@ -40,24 +40,28 @@ class RLResult:
     seconds: float
 
 
-def split_problems(cfg: RLConfig, heldout_fraction: float, salt: str) -> tuple[list[Problem], list[Problem]]:
-    """(training-side pool, held-out problems): both from gpt.sft.tasks, split by its hash, so they never meet."""
+def split_problems(cfg: RLConfig, heldout_fraction: float, salt: str,
+                   fits: Callable[[Problem], bool] = lambda problem: True) -> tuple[list[Problem], list[Problem]]:
+    """(training-side pool, held-out problems): both from gpt.sft.tasks, split by its hash, so they never meet.
+
+    Per task, `steps * prompts_per_step` training problems and `heldout_items` held-out ones among those that `fits`
+    (the prompt leaves room for the completion); a few spare problems are drawn for the ones that do not fit. The
+    draws are sequential, so when all fit the lists are the first ones drawn, whatever the spare."""
     pool_size = cfg.steps * cfg.prompts_per_step
-    train = [p for task in cfg.tasks for p in sample_problems(task, pool_size, cfg.seed, heldout=False,
-                                                               heldout_fraction=heldout_fraction, salt=salt)]
+
+    def draw(task: str, count: int, seed: int, heldout: bool) -> list[Problem]:
+        drawn = sample_problems(task, count + count // 4 + 8, seed, heldout=heldout,
+                                heldout_fraction=heldout_fraction, salt=salt)
+        return [p for p in drawn if fits(p)][:count]
+
+    train = [p for task in cfg.tasks for p in draw(task, pool_size, cfg.seed, False)]
     # the held-out problems do not depend on rl.seed, so runs with different seeds are scored on the same items
-    heldout = [p for task in cfg.tasks for p in sample_problems(task, cfg.heldout_items, 0, heldout=True,
-                                                                 heldout_fraction=heldout_fraction, salt=salt)]
+    heldout = [p for task in cfg.tasks for p in draw(task, cfg.heldout_items, 0, True)]
     return train, heldout
 
 
 class RLError(GptError, ValueError):
     pass
-
-
-def _fitting(template: ChatTemplate, problems: list[Problem], limit: int) -> list[Problem]:
-    """The problems whose chat prompt leaves room for the completion (rollouts do not slide the window)."""
-    return [p for p in problems if len(template.render_prompt([{"role": "user", "content": p.prompt}])) <= limit]
 
 
 def exact_match(model: torch.nn.Module, template: ChatTemplate, problems: list[Problem],
@@ -93,9 +97,12 @@ def run_rl(model: torch.nn.Module, template: ChatTemplate, cfg: RLConfig, heldou
            log: Logger = lambda step, values: None) -> RLResult:
     """cfg.steps RL steps on `model` (float32, modified in place); held-out exact match before and after."""
     torch.manual_seed(cfg.seed)
-    train, heldout = split_problems(cfg, heldout_fraction, salt)
-    train, heldout = (_fitting(template, problems, model.config.max_seq_len - cfg.max_new_tokens)
-                      for problems in (train, heldout))
+    limit = model.config.max_seq_len - cfg.max_new_tokens  # rollouts do not slide the window
+
+    def fits(problem: Problem) -> bool:
+        return len(template.render_prompt([{"role": "user", "content": problem.prompt}])) <= limit
+
+    train, heldout = split_problems(cfg, heldout_fraction, salt, fits)
     if len(train) < cfg.steps * cfg.prompts_per_step or not heldout:
         raise RLError(f"rl: too few task prompts fit the model's context of {model.config.max_seq_len} tokens with "
                       f"rl.max_new_tokens={cfg.max_new_tokens} ({len(train)} training, {len(heldout)} held-out); "
