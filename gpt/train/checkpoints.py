@@ -11,6 +11,11 @@ One checkpoint is a directory `step-NNNNNN/`:
                          val loss, resolved params, run fingerprint and lineage (tokenizer + shard manifest hashes),
                          and the size + sha256 of every other file (`files`), recorded at write time
 
+Under FSDP (gpt/train/fsdp.py) a checkpoint is sharded instead: `shards/` holds one safetensors file per rank
+(torch.distributed.checkpoint), state.json says `"format": "sharded"` and records every shard file's size and sha256
+like the other files; it resumes on any number of ranks, or on one process (reshard on load). There is no
+model.safetensors in it: the run's final model is exported whole.
+
 The directory is built beside its final name and renamed into place through gpt.atomic (every file and both
 parents fsynced), so a `step-*` directory with a state.json is complete unless the disk damaged it afterwards —
 which `verify` detects from the recorded sizes and hashes. A damaged checkpoint is renamed
@@ -42,6 +47,8 @@ from gpt.atomic import TEMP_SUFFIX, atomic_directory, remove_stale_temps, write_
 from gpt.errors import GptError
 from gpt.model_dir import WEIGHTS_FILE, save_model
 from gpt.tokenizer import copy_tokenizer
+from gpt.train.distributed import DistInfo, broadcast_object
+from gpt.train.fsdp import SHARDS_DIR, read_shards, write_shards
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +177,11 @@ def _load_weights(model: nn.Module, path: Path) -> None:
     model.load_state_dict(state, strict=False)
 
 
+def is_sharded(state: dict[str, Any]) -> bool:
+    """A checkpoint written by FSDP ranks (shards/ through DCP) rather than whole by one process."""
+    return state.get("format") == "sharded"
+
+
 def _step_of(path: Path) -> int | None:
     match = STEP_DIR.match(path.name)
     return int(match.group(1)) if match else None
@@ -220,7 +232,9 @@ class CheckpointManager:
         Raises CheckpointDamaged naming the first file that is missing, truncated or changed."""
         state = self.read_state(path) if state is None else state
         files = state.get("files")
-        if not isinstance(files, dict) or MODEL_FILE not in files:
+        files = files if isinstance(files, dict) else {}
+        weights = [n for n in files if n.startswith(f"{SHARDS_DIR}/")] if is_sharded(state) else [MODEL_FILE]
+        if not weights or not all(n in files for n in weights):
             raise CheckpointDamaged(path, f"{STATE_FILE} records no file sizes/hashes (written by an older version)")
         for name, expected in sorted(files.items()):
             file = path / name
@@ -262,10 +276,42 @@ class CheckpointManager:
         self.prune()
         return final
 
+    def save_sharded(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+                     info: DistInfo) -> Path | None:
+        """Collective (every rank calls it): write a sharded checkpoint — each rank its shard file, rank 0 the rest
+        (tokenizer, RNG, state.json with every file's size and hash) — atomically, then prune. Rank 0 gets its
+        path, the others None. A rank that fails (or is killed) mid-write fails the save on every rank; the temp
+        directory left behind is removed on the next start (clean_leftovers)."""
+        final = self.directory / f"step-{state['step']:06d}"
+        if not info.is_main:
+            write_shards(Path(broadcast_object(None, info)) / SHARDS_DIR, model, optimizer)
+            return None
+        with atomic_directory(final) as tmp:
+            broadcast_object(str(tmp), info)
+            opt_meta = write_shards(tmp / SHARDS_DIR, model, optimizer)
+            if self.tokenizer_dir is not None:
+                copy_tokenizer(self.tokenizer_dir, tmp)
+            rng_tensors, rng_meta = rng_to_flat()
+            write_atomic(tmp / RNG_FILE, lambda name: safetensors.torch.save_file(rng_tensors, name))
+            files = {p.relative_to(tmp).as_posix(): file_digest(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+            document = {**state, "format": "sharded", "optimizer": opt_meta, "rng": rng_meta, "files": files}
+            write_text_atomic(tmp / STATE_FILE, json.dumps(document, indent=2, sort_keys=True) + "\n")
+        self.prune()
+        return final
+
     def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
              restore_rng: bool = True) -> dict[str, Any]:
-        """Load weights (and optimizer, RNG) from a verified checkpoint into live objects; returns its state."""
+        """Load weights (and optimizer, RNG) from a verified checkpoint into live objects; returns its state.
+        A sharded checkpoint loads into sharded or plain objects and is collective under torchrun."""
         state = self.read_state(path)
+        if is_sharded(state):
+            try:
+                read_shards(path / SHARDS_DIR, model, optimizer, state["optimizer"])
+                if restore_rng:
+                    rng_from_flat(safetensors.torch.load_file(str(path / RNG_FILE)), state["rng"])
+            except (OSError, KeyError, ValueError, RuntimeError, safetensors.SafetensorError) as err:
+                raise ResumeError(f"checkpoint {path} can't be loaded: {err} (move it away and run again)") from err
+            return state
         try:
             _load_weights(model, path / MODEL_FILE)
             if optimizer is not None:

@@ -68,9 +68,6 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.parallel == "fsdp" and self.optimizer == "muon":
-            raise ConfigError("train.parallel: fsdp does not support train.optimizer: muon yet (Muon orthogonalises "
-                              "whole matrices, FSDP holds shards); use adamw or parallel: ddp")
         positive = ["max_steps", "batch_size", "seq_len", "log_every", "eval_every", "checkpoint_every", "keep_last",
                     "eval_windows", "max_nonfinite_skips"]
         for key in positive:

@@ -29,15 +29,22 @@ from tqdm import tqdm
 
 from gpt.config import to_dict
 from gpt.errors import GptError
-from gpt.train.checkpoints import CheckpointManager
+from gpt.train.checkpoints import CheckpointManager, is_sharded
 from gpt.train.config import TrainConfig
 from gpt.train.device import Precision, resolve_precision, select_device, step_seed
-from gpt.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, rank_device
+from gpt.train.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    init_distributed,
+    rank_device,
+)
 from gpt.train.fsdp import (
     checkpoint_blocks,
     cpu_replica,
     fqn_order,
-    gather_full_state,
+    gather_full_weights,
     load_optimizer_state,
     shard_model,
 )
@@ -104,7 +111,7 @@ class Run:
     info: DistInfo
     accum: int
     sharded: bool = False  # FSDP: `model` holds this rank's shards; rank 0 keeps a full CPU replica
-    full_model: nn.Module | None = None  # rank 0 under FSDP: the gathered weights (checkpoints, export)
+    full_model: nn.Module | None = None  # rank 0 under FSDP: the whole weights, gathered for the export
     fqns: list[str] = dataclasses.field(default_factory=list)  # FSDP: parameter name of each optimizer index
 
 
@@ -148,14 +155,6 @@ def _shard(run: Run) -> None:
     run.sharded = True
 
 
-def _checkpoint_objects(run: Run) -> tuple[nn.Module | None, Any]:
-    """The model and optimizer a checkpoint is written from. Under FSDP a collective gather onto rank 0 (every rank
-    must call it); rank 0 gets the full replica and the full optimizer state, the others (None, None)."""
-    if not run.sharded:
-        return run.model, run.optimizer
-    return run.full_model, gather_full_state(run.model, run.optimizer, run.fqns, run.full_model)
-
-
 def micro_batches(data: BatchSource, step: int, run: Run) -> list[Batch]:
     """This rank's rows of the global batch of `step`, split into `accum` micro-batches."""
     cfg = run.cfg
@@ -187,8 +186,10 @@ def _validate(run: Run, val_windows: Batch) -> dict[str, float]:
     return {"val/loss": validation_loss(run.trained, val_windows, run.precision, run.cfg.batch_size, info)}
 
 
-def _save_checkpoint(run: Run, saved: tuple[nn.Module, Any], manager: CheckpointManager, step: int, tokens: int, val_loss: float,
-                     best: float, skipped: int, identity: dict[str, Any], model_config: dict[str, Any]) -> Path:
+def _save_checkpoint(run: Run, manager: CheckpointManager, step: int, tokens: int, val_loss: float, best: float,
+                     skipped: int, identity: dict[str, Any], model_config: dict[str, Any]) -> Path | None:
+    """Every rank calls it: under FSDP each writes its shard (a sharded checkpoint); otherwise rank 0 writes the
+    whole checkpoint. Rank 0 gets the path, the other ranks None."""
     state = {
         "step": step,
         "tokens_seen": tokens,
@@ -206,7 +207,9 @@ def _save_checkpoint(run: Run, saved: tuple[nn.Module, Any], manager: Checkpoint
         "lineage": identity["lineage"],
         "pinned": _is_branch_point(step, run.cfg),
     }
-    return manager.save(saved[0], saved[1], state)
+    if run.sharded:
+        return manager.save_sharded(run.model, run.optimizer, state, run.info)
+    return manager.save(run.model, run.optimizer, state) if run.info.is_main else None
 
 
 def _is_branch_point(step: int, cfg: TrainConfig) -> bool:
@@ -217,11 +220,12 @@ def _is_branch_point(step: int, cfg: TrainConfig) -> bool:
     return decay_start is not None and step <= decay_start < next_regular
 
 
-def _resume_state(run: Run, manager: CheckpointManager, identity: dict[str, Any]) -> dict[str, Any]:
-    """Rank 0 picks the checkpoint (or none); every rank loads it. Returns its state.json, or {} when fresh."""
+def _resume_path(run: Run, manager: CheckpointManager, identity: dict[str, Any]) -> tuple[Path | None, bool]:
+    """Rank 0 picks the checkpoint (or none) and every rank learns it: (path, whether it is sharded)."""
     path = choose_resume(manager, identity, run.cfg) if run.info.is_main else None
-    path = _broadcast_path(path, run.info)
-    return _restore(run, manager, path) if path else {}
+    sharded = path is not None and is_sharded(manager.read_state(path))
+    path, sharded = broadcast_object((str(path) if path else None, sharded), run.info)
+    return (Path(path) if path else None), sharded
 
 
 def _restore(run: Run, manager: CheckpointManager, path: Path) -> dict[str, Any]:
@@ -276,11 +280,16 @@ def train(model: nn.Module, cfg: TrainConfig, train_data: BatchSource, val_data:
     manager = CheckpointManager(checkpoint_dir, keep_last=cfg.keep_last, keep_best=cfg.keep_best,
                                 keep_other_runs=cfg.keep_other_runs, tokenizer_dir=tokenizer_dir)
     identity = run_identity(cfg, model_config, lineage, run.info.world_size)
-    state = _resume_state(run, manager, identity)
+    path, sharded_checkpoint = _resume_path(run, manager, identity)
+    # a whole checkpoint loads into the plain model (FSDP then shards it); a sharded one loads into whatever layout
+    # this run has (FSDP shards over any number of ranks, or plain tensors)
+    state = _restore(run, manager, path) if path and not sharded_checkpoint else {}
+    wrap_for_training(run)
+    if path and sharded_checkpoint:
+        state = _restore(run, manager, path)
     start = state.get("step", 0)
     tokens, skipped = state.get("tokens_seen", 0), state.get("nonfinite_skipped", 0)
     val_loss, best = state.get("val_loss", math.nan), state.get("best_val_loss", math.inf)
-    wrap_for_training(run)
     val_windows = fixed_val_windows(val_data, cfg, run.device)
     tokens_per_step = cfg.batch_size * cfg.seq_len * run.accum * run.info.world_size
     flops_tok = flops_per_token(run.model, model_config.get("n_layers", 0), model_config.get("d_model", 0),
@@ -320,10 +329,8 @@ def train(model: nn.Module, cfg: TrainConfig, train_data: BatchSource, val_data:
             bar.update(1)
             stopping = done < cfg.max_steps and _agreed(stop.signum is not None, run)  # the last step: finish
             if is_ckpt or stopping:
-                saved = _checkpoint_objects(run)
-                if run.info.is_main:
-                    last_ckpt = _save_checkpoint(run, saved, manager, done, tokens, val_loss, best, skipped, identity,
-                                                 model_config)
+                last_ckpt = _save_checkpoint(run, manager, done, tokens, val_loss, best, skipped, identity,
+                                             model_config)
                 barrier(run.info)
             if stopping:
                 raise TrainingInterrupted(stop.signum or signal.SIGINT, done, last_ckpt)
@@ -339,8 +346,10 @@ def train(model: nn.Module, cfg: TrainConfig, train_data: BatchSource, val_data:
         summary.update({"final/tokens_per_s": avg_tok_s, "final/mfu": result.mfu})
     logger.summary(summary)
     logger.close()
-    if run.sharded and run.info.is_main:  # the export is written from the full replica (gathered at the last step)
-        run.model = run.full_model
+    if run.sharded:  # the export is written whole, from rank 0's replica (a collective all-gather)
+        gather_full_weights(run.model, run.full_model)
+        if run.info.is_main:
+            run.model = run.full_model
     return result, run
 
 
@@ -388,14 +397,3 @@ def _router_stats(model: nn.Module) -> dict[str, float]:
 
 def _str(path: Path | None, info: DistInfo) -> str | None:
     return str(path) if path is not None and info.is_main else None
-
-
-def _broadcast_path(path: Path | None, info: DistInfo) -> Path | None:
-    """Rank 0 decides whether and from where to resume; every rank loads the same checkpoint."""
-    if not info.enabled:
-        return path
-    import torch.distributed as dist
-
-    holder = [str(path) if path else None]
-    dist.broadcast_object_list(holder, src=0)
-    return Path(holder[0]) if holder[0] else None

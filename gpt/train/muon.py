@@ -16,6 +16,15 @@ One optimizer object holds both kinds of groups (`use_muon` per group), so the c
 restores `optimizer.state_dict()` resumes Muon runs exactly, and DDP needs nothing special (gradients are
 all-reduced before `step`, so every rank computes the same orthogonalised update). Muon groups keep their own base
 learning rate as `lr_multiplier` × the schedule's lr, so one lr schedule (`set_lr`) drives both.
+
+Under FSDP2 (gpt/train/fsdp.py) each rank holds a row shard (a DTensor) of every matrix, its gradient and its
+momentum, but the Newton–Schulz iteration needs the whole matrix. So per Muon matrix and step: the momentum update
+stays local (elementwise on the shard), the Nesterov direction is all-gathered (`full_tensor()`), every rank
+orthogonalises the whole matrix and keeps the rows of its own shard (no communication). Cost per step: one
+all-gather of every block matrix (as many bytes as the forward's parameter all-gather, in fp32) and N× redundant
+Newton–Schulz compute over N ranks (each rank does all matrices; ~3·5 matmuls of the smaller side² × the larger
+side per matrix). Spreading the matrices over the ranks round-robin and scattering the results would remove the
+redundancy; not done (correct first, and the iteration is cheap next to the forward/backward at this size).
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_STEPS = 5
@@ -45,6 +55,19 @@ def orthogonalize(grad: torch.Tensor, steps: int = NS_STEPS, dtype: torch.dtype 
     if transposed:
         x = x.mT
     return x.to(grad.dtype)
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """The full matrix of an FSDP shard (a DTensor: all-gathered); a plain tensor as it is."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def _local_part(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`full` laid out like the parameter `like`: for a DTensor, this rank's shard of it, cut locally (every rank
+    holds the same `full`, so no communication: src_data_rank=None)."""
+    if not isinstance(like, DTensor):
+        return full
+    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
 
 
 def split_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Parameter]]:
@@ -102,7 +125,7 @@ class Muon(torch.optim.Optimizer):
             buf = state["momentum_buffer"]
             buf.lerp_(p.grad, 1 - beta)  # buf = beta·buf + (1 − beta)·grad
             direction = p.grad.lerp(buf, beta) if group["nesterov"] else buf
-            update = orthogonalize(direction, group["ns_steps"])
+            update = _local_part(orthogonalize(_whole(direction), group["ns_steps"]), p)
             # orthogonal updates of a tall matrix have a smaller RMS per entry; rescale so shape does not change the
             # effective step (max(1, rows/cols)^0.5, as in the reference implementation)
             scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
