@@ -122,7 +122,7 @@ def setup_run(model: nn.Module, cfg: TrainConfig) -> Run:
     device = rank_device(device, info)
     precision = Precision(resolve_precision(cfg.precision, device), device.type)
     model.to(device)
-    optimizer = build_optimizer(model, cfg, device.type)
+    optimizer = build_optimizer(model, cfg, device.type, precision.name)
     return Run(cfg=cfg, model=model, trained=model, optimizer=optimizer, precision=precision,
                scaler=precision.grad_scaler(), device=device, info=info, accum=cfg.grad_accum_steps(info.world_size))
 
@@ -150,7 +150,7 @@ def _shard(run: Run) -> None:
     run.fqns = fqn_order(run.model, run.optimizer)
     run.full_model = cpu_replica(run.model) if run.info.is_main else None
     shard_model(run.model, run.device, run.precision)
-    run.optimizer = build_optimizer(run.model, run.cfg, run.device.type)
+    run.optimizer = build_optimizer(run.model, run.cfg, run.device.type, run.precision.name)
     load_optimizer_state(run.model, run.optimizer, full_state, run.fqns)
     run.sharded = True
 

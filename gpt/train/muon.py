@@ -5,7 +5,9 @@ use in nanochat: for a 2-D weight W (out, in) the update is the momentum matrix 
 towards 1 — an approximate `U V^T` of its SVD — so every direction of the update moves at the same rate. Five steps
 of the quintic iteration X ← aX + (bA + cA²)X with A = X Xᵀ (coefficients a, b, c = 3.4445, −4.7750, 2.0315 as
 published) bring the singular values into roughly [0.7, 1.2] rather than exactly 1: the published trade of accuracy
-for speed, which training does not mind.
+for speed, which training does not mind. The iteration runs in bf16 when the run computes in bf16/fp16 (the
+published choice), in fp32 when the run is fp32 (CPU by default): there bf16 rounding of the update would be the
+largest error of the step, and a fp32 run on N ranks then equals one process to fp32 round-off (tested).
 
 Which parameters: Muon for the matrices inside the transformer blocks (attention, MLP and router weights; 3-D
 expert banks are a batch of matrices); AdamW for embeddings, the LM head, norm gains and biases — they are not hidden linear maps
@@ -89,11 +91,13 @@ def split_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Paramete
 class Muon(torch.optim.Optimizer):
     """Muon for groups with `use_muon=True`, AdamW for the others, in one optimizer (one state dict to checkpoint).
 
-    Muon group keys: lr_multiplier (its lr = schedule lr × this), momentum, nesterov, weight_decay, ns_steps.
+    Muon group keys: lr_multiplier (its lr = schedule lr × this), momentum, nesterov, weight_decay, ns_steps,
+    ns_dtype (the Newton–Schulz iteration's dtype, by name: "bfloat16" or "float32").
     AdamW group keys: betas, eps, weight_decay (decoupled, as torch.optim.AdamW)."""
 
     def __init__(self, groups: Iterable[dict], lr: float = 1e-3) -> None:
         defaults = dict(lr=lr, use_muon=False, lr_multiplier=1.0, momentum=0.95, nesterov=True, ns_steps=NS_STEPS,
+                        ns_dtype="bfloat16",
                         betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
         super().__init__(list(groups), defaults)
         for group in self.param_groups:
@@ -125,7 +129,8 @@ class Muon(torch.optim.Optimizer):
             buf = state["momentum_buffer"]
             buf.lerp_(p.grad, 1 - beta)  # buf = beta·buf + (1 − beta)·grad
             direction = p.grad.lerp(buf, beta) if group["nesterov"] else buf
-            update = _local_part(orthogonalize(_whole(direction), group["ns_steps"]), p)
+            ns_dtype = getattr(torch, group.get("ns_dtype", "bfloat16"))
+            update = _local_part(orthogonalize(_whole(direction), group["ns_steps"], ns_dtype), p)
             # orthogonal updates of a tall matrix have a smaller RMS per entry; rescale so shape does not change the
             # effective step (max(1, rows/cols)^0.5, as in the reference implementation)
             scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
@@ -156,12 +161,12 @@ class Muon(torch.optim.Optimizer):
 
 
 def build_muon(model: nn.Module, lr: float, muon_lr: float, weight_decay: float, betas: tuple[float, float],
-               eps: float, momentum: float = 0.95, muon_weight_decay: float = 0.0) -> Muon:
+               eps: float, momentum: float = 0.95, muon_weight_decay: float = 0.0, ns_dtype: str = "bfloat16") -> Muon:
     """Muon over the hidden matrices, AdamW (same hyper-parameters as the AdamW optimizer) over the rest."""
     muon, decay, no_decay = split_params(model)
     groups = [
         {"params": muon, "use_muon": True, "lr_multiplier": muon_lr / lr, "momentum": momentum,
-         "weight_decay": muon_weight_decay},
+         "weight_decay": muon_weight_decay, "ns_dtype": ns_dtype},
         {"params": decay, "use_muon": False, "weight_decay": weight_decay, "betas": betas, "eps": eps},
         {"params": no_decay, "use_muon": False, "weight_decay": 0.0, "betas": betas, "eps": eps},
     ]

@@ -32,11 +32,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.Optimizer:
-    """cfg.optimizer: AdamW over `param_groups` (the fused CUDA kernel on CUDA), or Muon + AdamW (gpt.train.muon)."""
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str,
+                    precision: str = "bf16") -> torch.optim.Optimizer:
+    """cfg.optimizer: AdamW over `param_groups` (the fused CUDA kernel on CUDA), or Muon + AdamW (gpt.train.muon;
+    its Newton–Schulz iteration in fp32 when the run's resolved `precision` is fp32, else bf16)."""
     if cfg.optimizer == "muon":
         return build_muon(model, lr=cfg.lr, muon_lr=cfg.muon_lr, weight_decay=cfg.weight_decay,
-                          betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, momentum=cfg.muon_momentum)
+                          betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, momentum=cfg.muon_momentum,
+                          ns_dtype="float32" if precision == "fp32" else "bfloat16")
     extra = {"fused": True} if device_type == "cuda" else {}
     return torch.optim.AdamW(
         param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **extra
