@@ -1,9 +1,10 @@
-"""Continuous batching: one scheduler thread decodes every running generation together, step by step.
+"""Continuous batching: every running generation is decoded together, one shared forward per step.
 
 The server's worker threads (gpt/serve/engine.py) each run one request through the unchanged front door
 (gpt.generate.stream_completion / stream_chat), but against `BatchScheduler.model`, a stand-in for the model whose
-`stream()` hands the prompt to the scheduler and yields the tokens it samples for that sequence. The scheduler
-owns the real model and a `BatchKVCache` (gpt/model/cache.py) with `max_batch` slots, and loops:
+`stream()` hands the prompt to the scheduler and yields the tokens sampled for that sequence. The scheduler owns
+the real model and a `BatchKVCache` (gpt/model/cache.py) with `max_batch` slots; the requests' own threads take
+turns running its scheduling rounds (see `BatchScheduler`). A round:
 
   1. at a step boundary, newcomers get a free slot and are prefilled alone (the ordinary batch-1 forward, written
      straight into their slot), and their first token is sampled;
@@ -17,7 +18,7 @@ owns the real model and a `BatchKVCache` (gpt/model/cache.py) with `max_batch` s
      step attends to views of the cache, never gathered copies.
 
 A sequence whose context fills up slides its window as `model.stream` does: the last max_seq_len // 2 tokens are
-re-encoded into its slot. What stays per request in the worker thread (text decoding, stop strings, the n choices
+re-encoded into its slot (the last of them joins the next step). What stays per request in the worker thread (text decoding, stop strings, the n choices
 drawn in turn from one seeded generator) is exactly the one-at-a-time path's, so a request's output does not depend
 on the others: greedy tokens are the same (up to float rounding of a batched matmul, which can only matter at an
 exact tie), and so are seeded samples.
@@ -68,31 +69,26 @@ class BatchedModel:
                eos_token_id: int | Sequence[int] | None = None, generator: torch.Generator | None = None,
                vocab_limit: int | None = None, **unused: Any) -> Iterator[int]:
         """One sequence's tokens, as `model.stream` yields them for a batch of one (ints instead of tensors)."""
-        ids = input_ids.reshape(-1).tolist()
         if input_ids.dim() == 2 and input_ids.shape[0] != 1:
             raise ValueError("the batching scheduler streams one sequence per call")
+        ids = input_ids.reshape(-1).tolist()
         if not ids:
             raise ValueError("generate() needs a prompt of at least one token (e.g. a BOS token)")
         stops = set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) \
             else set(eos_token_id)
         seq = _Sequence(ids[-self.config.max_seq_len:], max_new_tokens, temperature, top_k, top_p, stops,
                         generator, vocab_limit)
-        return self._tokens(seq) if max_new_tokens >= 1 else iter(())
-
-    def _tokens(self, seq: _Sequence) -> Iterator[int]:
-        self.scheduler.add(seq)
-        try:
-            while (item := seq.out.get()) is not _END:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            if not seq.done:  # the caller stopped early (its client went away): free the slot now
-                self.scheduler.drop(seq)
+        return self.scheduler.tokens(seq) if max_new_tokens >= 1 else iter(())
 
 
 class BatchScheduler:
-    """Owns the model and runs every decode step for up to `max_batch` sequences at once (see the module doc)."""
+    """Owns the model and runs every decode step for up to `max_batch` sequences at once (see the module doc).
+
+    There is no scheduler thread: a sequence's thread that wants its next token and finds none runs the next
+    scheduling round itself (one at a time, `stepping`), which makes a token for every running sequence; the
+    others wait until that round ends. So a lone request decodes in its own thread as without batching (no
+    hand-off per token), and with many, one thread's step overlaps the others' text decoding.
+    """
 
     def __init__(self, model: torch.nn.Module, max_batch: int):
         if max_batch < 1:
@@ -102,58 +98,71 @@ class BatchScheduler:
         self.max_len = int(model.config.max_seq_len)
         self.cache = model.new_batch_cache(max_batch)
         self.device = model.tok_embeddings.weight.device
-        self.rows: list[_Sequence] = []  # live sequences; rows[i].slot == i
-        self.waiting: collections.deque[_Sequence] = collections.deque()
-        self.inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add" | "drop" | "stop", sequence)
-        self.steps = 0  # decode steps run (for tests and /health)
+        self.rows: list[_Sequence] = []  # live sequences; rows[i].slot == i (touched only while stepping)
+        self.waiting: collections.deque[_Sequence] = collections.deque()  # (only while stepping)
+        self.turn = threading.Condition()  # guards inbox, stepping, closed; notified after every round
+        self.inbox: list[tuple[str, _Sequence]] = []  # ("add" | "drop", sequence), applied by the next round
+        self.stepping = False
+        self.closed = False
+        self.steps = 0  # decode steps run (tests, the benchmark)
         self.model = BatchedModel(self)
-        self.thread = threading.Thread(target=self._loop, name="gpt-batch-scheduler", daemon=True)
-        self.thread.start()
-
-    # ---- called from worker threads
-    def add(self, seq: _Sequence) -> None:
-        self.inbox.put(("add", seq))
-
-    def drop(self, seq: _Sequence) -> None:
-        self.inbox.put(("drop", seq))
-
-    def shutdown(self, timeout: float = 5.0) -> None:
-        """Stop the scheduler; sequences still running end with an error (their requests were cancelled)."""
-        self.inbox.put(("stop", None))
-        self.thread.join(timeout=timeout)
 
     @property
     def active(self) -> int:
         return len(self.rows)
 
-    # ---- the scheduler thread
-    def _loop(self) -> None:
-        with torch.inference_mode():
-            while self._read_inbox(block=not self.rows and not self.waiting):
-                try:
-                    while self.waiting and len(self.rows) < self.max_batch:
-                        self._start(self.waiting.popleft())
-                    if self.rows:
-                        self._step()
-                except Exception as err:  # a bug or out of memory: fail the requests, keep serving
-                    for seq in self.rows:
-                        self._finish(seq, err)
-                    self.rows.clear()
-        for seq in [*self.rows, *self.waiting]:
-            self._finish(seq, RuntimeError("server shutting down"))
-        self.rows.clear()
-        self.waiting.clear()
+    def shutdown(self) -> None:
+        """Refuse new sequences; running ones end with an error at the next round (their requests were cancelled
+        by the server's drain deadline already)."""
+        with self.turn:
+            self.closed = True
 
-    def _read_inbox(self, block: bool) -> bool:
-        """Apply queued adds/drops; False once asked to stop. Blocks for the first message when idle."""
-        while True:
-            try:
-                kind, seq = self.inbox.get(block=block)
-            except queue.Empty:
-                return True
-            block = False
-            if kind == "stop":
-                return False
+    def tokens(self, seq: _Sequence) -> Iterator[int]:
+        """Add `seq` and yield its tokens, running scheduling rounds whenever it has none to read."""
+        with self.turn:
+            if self.closed:
+                raise RuntimeError("server shutting down")
+            self.inbox.append(("add", seq))
+        try:
+            while True:
+                try:
+                    item = seq.out.get_nowait()
+                except queue.Empty:
+                    self._take_turn()
+                    continue
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            if not seq.done:  # the caller stopped early (its client went away): free the slot now
+                with self.turn:
+                    self.inbox.append(("drop", seq))
+                self._take_turn(decode=False)  # (after the round in progress, if any)
+
+    def _take_turn(self, decode: bool = True) -> None:
+        """Run one round, or wait for the round in progress to end. decode=False: wait for the round in progress
+        to end, then only apply the adds and drops."""
+        with self.turn:
+            while self.stepping:
+                self.turn.wait(timeout=1.0)
+                if decode:
+                    return
+            self.stepping = True
+        try:
+            self._round(decode)
+        finally:
+            with self.turn:
+                self.stepping = False
+                self.turn.notify_all()
+
+    def _take_inbox(self) -> list[tuple[str, _Sequence]]:
+        messages, self.inbox = self.inbox, []
+        return messages
+
+    def _apply(self, messages: list[tuple[str, _Sequence]]) -> None:
+        for kind, seq in messages:
             if kind == "add":
                 self.waiting.append(seq)
             elif not seq.done:  # drop: its client went away
@@ -162,6 +171,27 @@ class BatchScheduler:
                     self.waiting.remove(seq)
                 elif 0 <= seq.slot < len(self.rows) and self.rows[seq.slot] is seq:
                     self._remove(seq)
+
+    def _round(self, decode: bool = True) -> None:
+        """One scheduling round: apply adds/drops, admit newcomers into free slots, run one decode step."""
+        with self.turn:
+            messages, closed = self._take_inbox(), self.closed
+        self._apply(messages)
+        if not decode:
+            return
+        try:
+            if closed:
+                raise RuntimeError("server shutting down")
+            with torch.inference_mode():
+                while self.waiting and len(self.rows) < self.max_batch:
+                    self._start(self.waiting.popleft())
+                if self.rows:
+                    self._step()
+        except Exception as err:  # a bug, out of memory, shutdown: fail these requests, keep serving
+            for seq in [*self.rows, *self.waiting]:
+                self._finish(seq, err)
+            self.rows.clear()
+            self.waiting.clear()
 
     def _start(self, seq: _Sequence) -> None:
         """Give a newcomer the next free slot, prefill it alone, sample its first token."""
