@@ -14,6 +14,12 @@ import pytest
 import safetensors.torch
 import torch
 
+from gpt.model import DecoderOnlyTransformer, ModelConfig
+from gpt.train.checkpoints import CheckpointDamaged, CheckpointManager
+from gpt.train.config import TrainConfig
+from gpt.train.distributed import DistInfo
+from gpt.train.optim import build_optimizer
+from gpt.train.resume import choose_resume, fingerprint, run_identity
 from tests.test_ddp import run_stage
 from tests.test_train_stage import workspace, write_params  # noqa: F401  (workspace is a fixture)
 
@@ -118,3 +124,61 @@ def test_two_rank_checkpoint_resumes_on_four_ranks(workspace, tmp_path):  # noqa
     state = json.loads((split / "data/checkpoints/step-000012/state.json").read_text())
     assert state["data"]["world_size"] == 4 and len([f for f in state["files"] if f.startswith("shards/")]) == 4
     assert_same_training(whole, split)
+
+
+def _toy(seed: int, optimizer: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = DecoderOnlyTransformer(ModelConfig.from_preset("qwen3-style", vocab_size=64, n_layers=2, d_model=32,
+                                                           n_heads=2, n_kv_heads=1, max_seq_len=32, dropout=0.0))
+    return model, build_optimizer(model, TrainConfig(optimizer=optimizer), "cpu", "fp32")
+
+
+def _step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, seed: int) -> None:
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(seed))
+    _, loss = model(ids, labels=ids)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_sharded_checkpoint_round_trips_exactly(tmp_path, optimizer):
+    """Written and read by one process (the same code every FSDP rank runs on its shard): weights, optimizer state
+    and hyper-parameters come back exactly, and training continues bit for bit."""
+    model, opt = _toy(0, optimizer)
+    for seed in range(3):
+        _step(model, opt, seed)
+    manager = CheckpointManager(tmp_path)
+    path = manager.save_sharded(model, opt, {"step": 3}, DistInfo())
+    state = manager.verify(path)
+    assert state["format"] == "sharded" and not (path / "model.safetensors").exists()
+    assert sorted(p.name for p in (path / "shards").iterdir()) == ["shard-00001-model-00001-of-00001.safetensors"]
+    model2, opt2 = _toy(1, optimizer)  # other weights, empty optimizer state
+    manager.load(path, model2, opt2)
+    for (name, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert opt2.state_dict()["param_groups"] == opt.state_dict()["param_groups"]
+    for seed in range(3, 5):
+        _step(model, opt, seed)
+        _step(model2, opt2, seed)
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_a_damaged_shard_is_set_aside_and_resume_falls_back(tmp_path):
+    model, opt = _toy(0, "adamw")
+    cfg = TrainConfig()
+    identity = run_identity(cfg, {"n_layers": 2}, {}, 1)
+    manager = CheckpointManager(tmp_path, keep_last=5)
+    for step in (1, 2):
+        _step(model, opt, step)
+        manager.save_sharded(model, opt, {"step": step, "identity": identity, "fingerprint": fingerprint(identity)},
+                             DistInfo())
+    shard = next((tmp_path / "step-000002/shards").iterdir())
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointDamaged, match="shards/shard-00001"):
+        manager.verify(tmp_path / "step-000002")
+    assert choose_resume(manager, identity, cfg) == tmp_path / "step-000001"
+    assert (tmp_path / "step-000002.damaged-1").is_dir()

@@ -145,7 +145,8 @@ def write_shards(directory: Path, model: nn.Module, optimizer: torch.optim.Optim
                     zero_dim.setdefault(name, {})[key] = {"value": value.item(), "dtype": _dtype_name(value.dtype)}
                 else:
                     scalars.setdefault(name, {})[key] = value
-    dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(directory), save_distributed=True))
+    dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(directory), save_distributed=True),
+             no_dist=not dist.is_initialized())
     groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[id(p)] for p in g["params"]]}
               for g in optimizer.param_groups]
     return {"param_groups": groups, "tensors": state_tensors, "zero_dim": zero_dim, "scalars": scalars}
@@ -168,7 +169,7 @@ def read_shards(directory: Path, model: nn.Module, optimizer: torch.optim.Optimi
             for key in keys:
                 fresh.setdefault(name, {})[key] = targets[f"optimizer.{name}.{key}"] = torch.zeros_like(
                     params[name].detach())
-    dcp.load(targets, storage_reader=HuggingFaceStorageReader(str(directory)))
+    dcp.load(targets, storage_reader=HuggingFaceStorageReader(str(directory)), no_dist=not dist.is_initialized())
     if optimizer is None:
         return
     for group, saved in zip(optimizer.param_groups, saved_groups, strict=True):
