@@ -19,7 +19,10 @@ mounted bucket): each rank writes its own file into the same directory.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +125,14 @@ def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: t for name, t in [*model.named_parameters(), *model.named_buffers()] if name in keys}
 
 
+@contextlib.contextmanager
+def _one_process_is_fine() -> Iterator[None]:
+    """DCP warns that it 'assumes' a single process when no process group is up; here that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -145,8 +156,9 @@ def write_shards(directory: Path, model: nn.Module, optimizer: torch.optim.Optim
                     zero_dim.setdefault(name, {})[key] = {"value": value.item(), "dtype": _dtype_name(value.dtype)}
                 else:
                     scalars.setdefault(name, {})[key] = value
-    dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(directory), save_distributed=True),
-             no_dist=not dist.is_initialized())
+    with _one_process_is_fine():
+        dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(directory), save_distributed=True),
+                 no_dist=not dist.is_initialized())
     groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[id(p)] for p in g["params"]]}
               for g in optimizer.param_groups]
     return {"param_groups": groups, "tensors": state_tensors, "zero_dim": zero_dim, "scalars": scalars}
@@ -169,7 +181,8 @@ def read_shards(directory: Path, model: nn.Module, optimizer: torch.optim.Optimi
             for key in keys:
                 fresh.setdefault(name, {})[key] = targets[f"optimizer.{name}.{key}"] = torch.zeros_like(
                     params[name].detach())
-    dcp.load(targets, storage_reader=HuggingFaceStorageReader(str(directory)), no_dist=not dist.is_initialized())
+    with _one_process_is_fine():
+        dcp.load(targets, storage_reader=HuggingFaceStorageReader(str(directory)), no_dist=not dist.is_initialized())
     if optimizer is None:
         return
     for group, saved in zip(optimizer.param_groups, saved_groups, strict=True):
