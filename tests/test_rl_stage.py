@@ -132,3 +132,16 @@ def test_rl_stage_writes_a_loadable_model_and_metrics(chat_model_dir, tmp_path, 
     parent_weights = (tmp_path / "data/chat-model/model.safetensors").read_bytes()
     assert read_lineage(out).extra["parent"]["weights_sha256"] == hashlib.sha256(parent_weights).hexdigest()
     assert set(load_model(out).state_dict()) == set(load_model(tmp_path / "data/chat-model").state_dict())
+
+
+def test_split_problems_replaces_prompts_that_do_not_fit_and_keeps_the_rest():
+    from gpt.rl.run import split_problems
+
+    cfg = RLConfig(steps=5, prompts_per_step=2, heldout_items=6, tasks=["count_words", "add"])
+    train, heldout = split_problems(cfg, 0.2, "v1")
+    assert [p.task for p in train] == ["count_words"] * 10 + ["add"] * 10 and len(heldout) == 12
+    assert not {(p.task, p.key) for p in train} & {(p.task, p.key) for p in heldout}
+    too_long = {p.prompt for p in train[:3]}
+    train2, heldout2 = split_problems(cfg, 0.2, "v1", fits=lambda p: p.prompt not in too_long)
+    assert train2[:7] == train[3:10] and train2[10:] == train[10:] and heldout2 == heldout
+    assert len(train2) == 20 and not too_long & {p.prompt for p in train2}
