@@ -515,12 +515,39 @@ def _run(args: argparse.Namespace) -> int:
     return COMMANDS[args.command](args)
 
 
+def _idle_cpus(seconds: float = 0.05) -> float | None:
+    """How many CPUs sat idle over the next `seconds` (machine-wide, from /proc/stat); None where unknown."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+        return ticks[3] + ticks[4], sum(ticks)  # idle + iowait, all
+    try:
+        idle0, all0 = sample()
+        time.sleep(seconds)
+        idle1, all1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (os.cpu_count() or 1) * (idle1 - idle0) / max(1, all1 - all0)
+
+
+def openmp_wait_policy(threads: int | None) -> str | None:
+    """The OMP_WAIT_POLICY to decode with: None (libgomp's default: spin a while, then sleep) when the machine has
+    an idle core for every thread, "PASSIVE" (sleep at once) when it is busy or unknown. Measured on the 2-core
+    box, seed model, 2 threads: idle, PASSIVE costs 25-40% of batch-1 decode speed (each of the ~40 parallel ops
+    per token wakes a sleeping thread); busy (load 10), spinning costs 15-25x (1.3-2 vs 25-54 tok/s): a spinning
+    thread uses up its time slice and every op then waits for the scheduler (bench/README.md)."""
+    idle = _idle_cpus()
+    return None if idle is not None and idle >= (threads or os.cpu_count() or 1) - 0.5 else "PASSIVE"
+
+
 def main(argv: list[str] | None = None) -> int:
-    # Before torch loads libgomp (it reads this once): idle OpenMP threads sleep instead of spinning. On a busy
-    # machine spinning threads steal the cores the working thread needs, and every small batch-1 decode matmul
-    # then waits a scheduler time slice: measured 15 ms instead of 0.07 ms per INT8 layer (bench/README.md).
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)  # bad usage: one line, exit 2 (_Parser.error)
+    # Before torch loads libgomp (it reads this once); a policy set by the user stays.
+    if "OMP_WAIT_POLICY" not in os.environ:
+        decodes = args.command in ("generate", "chat", "serve")
+        policy = openmp_wait_policy(getattr(args, "threads", None)) if decodes else "PASSIVE"
+        if policy:
+            os.environ["OMP_WAIT_POLICY"] = policy
     where = f"gpt {args.command}"
     try:
         return _run(args)

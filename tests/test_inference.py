@@ -3,6 +3,8 @@ prepared model generates what the plain model generates."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -87,3 +89,48 @@ def test_prepared_model_follows_a_reloaded_state_dict():
     other.generate(prompt, max_new_tokens=4, temperature=0)  # decode once with the old weights
     other.load_state_dict(trained.state_dict())
     assert torch.equal(other.generate(prompt, max_new_tokens=16, temperature=0), expected)
+
+
+def test_prepare_drops_only_zero_probability_dropout():
+    """p == 0 dropout is an identity and goes; p > 0 stays, so a prepared model still trains with dropout."""
+    plain = build(small(dropout=0.0))
+    logits = plain(torch.arange(9).unsqueeze(0))[0]
+    prepare_for_inference(plain)
+    assert not any(isinstance(m, nn.Dropout) for m in plain.modules())
+    torch.testing.assert_close(plain(torch.arange(9).unsqueeze(0))[0], logits, atol=1e-5, rtol=1e-5)
+
+    noisy = build(small(dropout=0.5)).train()
+    prepare_for_inference(noisy)
+    assert noisy.training  # the warm-up decode restores the mode it found
+    assert sum(isinstance(m, nn.Dropout) for m in noisy.modules()) > 0
+    ids = torch.arange(9).unsqueeze(0)
+    assert not torch.equal(noisy(ids)[0], noisy(ids)[0])  # dropout still active in training mode
+    noisy.eval()
+    assert torch.equal(noisy(ids)[0], noisy(ids)[0])
+
+
+def test_openmp_wait_policy_follows_idle_cores(monkeypatch):
+    """Spin (libgomp's default) only when every thread has an idle core; otherwise, or unknown, PASSIVE."""
+    from gpt import cli
+
+    for idle, threads, expected in ((2.0, 2, None), (1.6, 2, None), (1.0, 2, "PASSIVE"), (1.0, 1, None),
+                                    (0.1, 1, "PASSIVE"), (None, 2, "PASSIVE")):
+        monkeypatch.setattr(cli, "_idle_cpus", lambda idle=idle: idle)
+        assert cli.openmp_wait_policy(threads) == expected, (idle, threads)
+    monkeypatch.undo()
+    idle = cli._idle_cpus(0.01)
+    assert idle is None or 0.0 <= idle <= os.cpu_count() + 0.5
+
+
+@pytest.mark.parametrize(("preset_env", "idle", "expected"), [(None, 8.0, None), (None, 0.0, "PASSIVE"),
+                                                               ("ACTIVE", 0.0, "ACTIVE")])
+def test_cli_sets_the_wait_policy_before_decoding(monkeypatch, tmp_path, preset_env, idle, expected):
+    from gpt import cli
+
+    if preset_env is None:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    else:
+        monkeypatch.setenv("OMP_WAIT_POLICY", preset_env)
+    monkeypatch.setattr(cli, "_idle_cpus", lambda seconds=0.05: idle)
+    assert cli.main(["generate", "--checkpoint", str(tmp_path / "missing"), "hi"]) == 1  # fails after choosing
+    assert os.environ.get("OMP_WAIT_POLICY") == expected

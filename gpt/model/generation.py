@@ -118,14 +118,21 @@ def stream(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: flo
             eos = _eos_tensor(eos_token_id, input_ids.device)
             finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
             logits = decoder.prefill() if max_new_tokens else None
+        # one sequence: its EOS check is a Python set lookup, not four tensor ops per token
+        single_eos = set(eos.tolist()) if eos is not None and input_ids.shape[0] == 1 else None
         for step in range(max_new_tokens):
             with torch.inference_mode():
                 next_tokens = sample_next_token(logits, temperature, top_k, top_p, generator)
-                if eos is not None:
+                if single_eos is not None:
+                    done = int(next_tokens[0]) in single_eos
+                elif eos is not None:
                     next_tokens = torch.where(finished, eos[0], next_tokens)
                     finished |= torch.isin(next_tokens, eos)
+                    done = bool(finished.all())
+                else:
+                    done = False
             yield next_tokens
-            if step == max_new_tokens - 1 or bool(finished.all()):
+            if step == max_new_tokens - 1 or done:
                 return
             with torch.inference_mode():
                 logits = decoder.append(next_tokens)
