@@ -5,7 +5,8 @@ For each server mode the real `gpt serve` runs as a subprocess (`--max-batch N`,
 `--tokenizer`), and 1, 4, 16 concurrent clients each send `--requests` completions (greedy, `--max-tokens` new
 tokens, different prompts; `stream: true` and read to the end, as a chat UI does). Aggregate tokens/s = completion
 tokens of all requests / wall time from the first request to the last answer; the ratio is batched / one at a time
-at the same concurrency. Mean time to the first token is shown too.
+at the same concurrency. Mean time to the first token is shown too. Both servers run at once and are measured in
+turn, `--repeats` times each (the median is kept), so that a busy neighbour slows both alike.
 
     python -m bench.bench_serve                    # tiny preset, ~1-2 min on 2 cores
     python -m bench.bench_serve --preset seed      # the 93M seed model (slower)
@@ -55,18 +56,19 @@ def build_model_dir(preset: str, tokenizer: Path, root: Path) -> Path:
 class Server:
     """`gpt serve` in a subprocess on a free port."""
 
-    def __init__(self, model_dir: Path, max_batch: int, threads: int | None, max_tokens: int):
-        cmd = [sys.executable, "-m", "gpt.cli", "serve", "-c", str(model_dir), "--port", "0",
+    def __init__(self, model_dir: Path, max_batch: int, threads: int | None, max_tokens: int, device: str):
+        cmd = [sys.executable, "-m", "gpt.cli", "serve", "-c", str(model_dir), "--port", "0", "--device", device,
                "--max-batch", str(max_batch), "--max-tokens", str(max_tokens), "--max-queue", "256"]
         if threads:
             cmd += ["--threads", str(threads)]
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
         deadline = time.time() + 120
-        self.url = None
+        self.url, log = None, []
         while time.time() < deadline and self.url is None:
             line = self.proc.stderr.readline()
+            log.append(line)
             if not line and self.proc.poll() is not None:
-                raise RuntimeError(f"gpt serve exited with {self.proc.returncode}")
+                raise RuntimeError(f"gpt serve exited with {self.proc.returncode}: {''.join(log[-5:])}")
             if match := re.search(r"on (http://\S+?)/ ", line):
                 self.url = match.group(1)
         if self.url is None:
@@ -123,21 +125,33 @@ def load(url: str, clients: int, requests: int, max_tokens: int) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-    results: dict = {"preset": args.preset, "max_tokens": args.max_tokens, "requests_per_client": args.requests,
-                     "clients": args.clients, "modes": {}}
+    """Both servers run side by side (an idle one waits without using the CPU); each concurrency is measured
+    `repeats` times, alternating the modes, so a change in the machine's load hits both alike; medians are kept."""
+    modes = {"one at a time": 1, "batched": args.max_batch}
+    results: dict = {"modes": {name: [] for name in modes}}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_model_dir(args.preset, args.tokenizer, Path(tmp))
-        for name, max_batch in (("one at a time", 1), ("batched", args.max_batch)):
-            server = Server(model_dir, max_batch, args.threads, args.max_tokens)
-            try:
+        servers = {name: Server(model_dir, max_batch, args.threads, args.max_tokens, args.device)
+                   for name, max_batch in modes.items()}
+        try:
+            for server in servers.values():
                 load(server.url, 1, 1, 8)  # warm-up
-                results["modes"][name] = [load(server.url, c, args.requests, args.max_tokens) for c in args.clients]
-            finally:
+            for clients in args.clients:
+                runs: dict[str, list[dict]] = {name: [] for name in modes}
+                for _ in range(args.repeats):
+                    for name, server in servers.items():
+                        runs[name].append(load(server.url, clients, args.requests, args.max_tokens))
+                for name, rows in runs.items():
+                    row = sorted(rows, key=lambda r: r["tok_s"])[len(rows) // 2]  # the median run
+                    results["modes"][name].append(row)
+                    each = ", ".join(f"{r['tok_s']:.0f}" for r in rows)
+                    errors = sum(len(r["errors"]) for r in rows)
+                    print(f"{name:>14} clients {clients:>2}: {row['tok_s']:8.1f} tok/s (runs: {each})  first token "
+                          f"{row['first_token_s'] * 1000:7.0f} ms  ({row['tokens']} tokens, {row['seconds']:.1f} s"
+                          f"{f', errors: {errors}' if errors else ''})", flush=True)
+        finally:
+            for server in servers.values():
                 server.close()
-            for row in results["modes"][name]:
-                print(f"{name:>14} clients {row['clients']:>2}: {row['tok_s']:8.1f} tok/s  first token "
-                      f"{row['first_token_s'] * 1000:7.0f} ms  ({row['tokens']} tokens, {row['seconds']:.1f} s"
-                      f"{', errors: ' + str(len(row['errors'])) if row['errors'] else ''})", flush=True)
     return results
 
 
@@ -159,16 +173,19 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--requests", type=int, default=2, help="completions per client (default: 2)")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per setting, modes alternating (median kept)")
     parser.add_argument("--max-batch", type=int, default=16, help="the batched server's --max-batch (default: 16)")
     parser.add_argument("--threads", type=int, default=None, help="the server's --threads (default: torch's)")
+    parser.add_argument("--device", default="cpu", help="the server's --device (default: cpu)")
     parser.add_argument("--write", action="store_true", help="replace this benchmark's section in bench/README.md")
     args = parser.parse_args()
     if not args.tokenizer.exists():
         sys.exit(f"error: {args.tokenizer} not found; give --tokenizer (any sentencepiece .model)")
     load_before = os.getloadavg()
     results = run(args)
-    machine = (f"{args.preset} preset, random weights; {args.requests} streamed greedy completions of up to "
-               f"{args.max_tokens} tokens per client; batched = `--max-batch {args.max_batch}`. Machine: "
+    machine = (f"{args.preset} preset, random weights, device {args.device}; {args.requests} streamed greedy completions of up to "
+               f"{args.max_tokens} tokens per client; batched = `--max-batch {args.max_batch}`; median of "
+               f"{args.repeats} runs, the two servers measured in turn. Machine: "
                f"{cpu_name()}, {os.cpu_count()} cores (shared with other work: load average "
                f"{load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after); server and clients on the same "
                "machine.")
