@@ -5,7 +5,8 @@ is `loss.next_token_loss` (plus the MoE load-balancing loss in training mode).
 Every variant (GPT-2, Qwen3-style, MoE) is this same module with different small parts, picked by the config:
 norm (`norms.py`), positions (`positions.py`), attention (`attention.py`), MLP or MoE (`mlp.py`, `moe.py`).
 Each part initialises its own weights (`init_weights`, GPT-2's scheme); `DecoderOnlyTransformer.init_weights` calls
-them. Generation (`generate`, `stream`) lives in `generation.py` and decodes through a preallocated KV cache.
+them. Generation (`generate`, `stream`) lives in `generation.py` and decodes through a preallocated KV cache; a
+`BatchKVCache` (cache.py) lets rows of different lengths decode together (the server's continuous batching).
 The layers are plain `nn.Linear`; CPU decode kernels are swapped in from outside by `gpt.inference`.
 """
 

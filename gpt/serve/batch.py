@@ -18,10 +18,11 @@ turns running its scheduling rounds (see `BatchScheduler`). A round:
      step attends to views of the cache, never gathered copies.
 
 A sequence whose context fills up slides its window as `model.stream` does: the last max_seq_len // 2 tokens are
-re-encoded into its slot (the last of them joins the next step). What stays per request in the worker thread (text decoding, stop strings, the n choices
-drawn in turn from one seeded generator) is exactly the one-at-a-time path's, so a request's output does not depend
-on the others: greedy tokens are the same (up to float rounding of a batched matmul, which can only matter at an
-exact tie), and so are seeded samples.
+re-encoded into its slot (the last of them joins the next step). What stays per request in the worker thread
+(text decoding, stop strings, the n choices drawn in turn from one seeded generator) is exactly the one-at-a-time
+path's, so a request's output does not depend on the others: greedy tokens are the same (up to float rounding of
+a batched matmul, which can only matter at a near tie), and so are seeded samples (tests/test_serve_batching.py).
+Prefill is not chunked: a long newcomer's prompt delays the running sequences' next token by its prefill time.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ gpt/generate.py; this module only decides when each one starts.
 
 One worker thread (`serve.max_batch` 1) runs generations one at a time: on a CPU a batch-1 decode already uses every
 core, so two independent generations only thrash each other. With `max_batch` > 1 there are that many worker
-threads, and their generations share the model through gpt/serve/batch.py: one scheduler thread runs every decode
-step for all of them at once (continuous batching), which costs little more per step than one sequence does.
+threads, and their generations share the model through gpt/serve/batch.py: each decode step runs for all of them
+at once (continuous batching), which costs little more per step than one sequence does.
 Either way a FIFO queue keeps arrival order, a bounded queue turns overload into an immediate "busy" answer
 instead of an unbounded pile-up, and a cancelled request (client went away) is dropped from the queue or stopped
 between two tokens. `shutdown` cancels whatever is still queued or running (the server's drain deadline has passed
