@@ -19,6 +19,7 @@ import json
 import os
 import statistics
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -28,7 +29,7 @@ from bench.common import cpu_name, write_section
 from gpt.chat import ChatTemplate
 from gpt.params import load_params
 from gpt.rl.config import RLConfig
-from gpt.rl.run import run_rl
+from gpt.rl.run import run_rl, split_problems
 from gpt.tokenizer import Tokenizer
 from gpt.train.init import parent_model
 
@@ -39,13 +40,23 @@ def overridden(cfg: RLConfig, settings: list[str], **fixed) -> RLConfig:
         key, _, text = item.partition("=")
         if key not in {f.name for f in dataclasses.fields(RLConfig)}:
             raise SystemExit(f"--set {item}: no rl.{key}")
-        values[key] = yaml.safe_load(text)
+        value = yaml.safe_load(text)
+        if isinstance(getattr(cfg, key), float) and isinstance(value, (int, str)):
+            value = float(value)  # YAML reads 3e-4 (no dot) as a string
+        values[key] = value
     return dataclasses.replace(cfg, **values)
 
 
 def mean_spread(values: list[float]) -> tuple[float, float]:
     """(mean, sample standard deviation; 0 for a single value)."""
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def best_constant(cfg: RLConfig, heldout_fraction: float, salt: str) -> float:
+    """Held-out exact match of the best fixed reply per task (what learning only the answer frequencies gives)."""
+    _, heldout = split_problems(cfg, heldout_fraction, salt)
+    right = sum(max(Counter(p.answer for p in heldout if p.task == task).values()) for task in cfg.tasks)
+    return right / len(heldout)
 
 
 def run_one(parent, template: ChatTemplate, cfg: RLConfig, heldout_fraction: float, salt: str) -> dict:
@@ -106,9 +117,11 @@ def main() -> None:
                   f"reward {r['reward_first']:.3f} → {r['reward_last']:.3f} ({r['wall_seconds']:.0f} s) evals {r['evals']}", flush=True)
     cfg = overridden(params.rl, args.set)
     load = os.getloadavg()
+    constant = best_constant(cfg, split.heldout_fraction, params.sft_data.salt)
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("algorithm", "seed")}
     text = (f"{table(runs)}\n\nrl settings: `{json.dumps(settings)}`; held-out items: {runs[0]['items']} "
-            f"(per task: {json.dumps(runs[0]['per_task_before'])} before). {cpu_name()}, {args.threads} torch "
+            f"(per task: {json.dumps(runs[0]['per_task_before'])} before); the best fixed answer per task would score "
+            f"{constant:.3f} on them. {cpu_name()}, {args.threads} torch "
             f"thread(s), load average {load[0]:.1f} at the end (shared machine).")
     print(text)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
