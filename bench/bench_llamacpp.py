@@ -8,6 +8,12 @@ q8_0. Then, greedy, `--new-tokens` new tokens after a short prompt, in one run:
   - llama.cpp through llama-cpp-python in a child process: prompt evaluated, then one `eval` per token with argmax
     of the logits (a warm-up pass first); this includes llama-cpp-python's small per-call Python overhead, so it is
     a slight underestimate of `llama-bench`'s tg number.
+The three are interleaved: each of REPEATS rounds runs llama.cpp, `gpt generate` and the warm API once per
+precision, and each rate is the best round, so a burst of load from other processes hits all three alike.
+The warm API runs in a child process with the OpenMP wait policy `gpt generate` would choose at that moment
+(gpt.cli.openmp_wait_policy: libgomp's spinning default when there are idle cores, PASSIVE when the machine is
+busy), as `gpt serve` does. `--breakdown` adds where the time of one decode step goes (torch profiler over the
+warm API: matmul kernels, attention, other tensor ops, sampling, Python/dispatch; plus detokenization).
 Measure on an idle machine: with more runnable threads than cores, llama.cpp's per-op thread barriers collapse
 (measured here under load average ~4 on 2 cores: f32 9 tok/s with 2 threads, 32 with 1), far more than torch.
 Threads: `--threads` (default 2) for torch, `gpt generate --threads` and llama.cpp alike.
@@ -15,6 +21,7 @@ Threads: `--threads` (default 2) for torch, `gpt generate --threads` and llama.c
     python -m bench.bench_llamacpp                 # ~3-5 min on 2 quiet cores
     python -m bench.bench_llamacpp --write         # also replace this benchmark's section in bench/README.md
     python -m bench.bench_llamacpp --precisions fp32 --new-tokens 32
+    python -m bench.bench_llamacpp --breakdown     # also the per-token time breakdown of our decode step
 
 Needs llama-cpp-python (`pip install -c constraints.txt -e '.[llamacpp]'`, a C++ build of several minutes).
 """
@@ -36,7 +43,7 @@ import torch
 from bench.common import cpu_name, write_section
 from gpt.gguf import write_gguf
 from gpt.model import DecoderOnlyTransformer, ModelConfig
-from gpt.model_dir import Lineage, load, save_quantized, write_model_dir
+from gpt.model_dir import Lineage, load, load_model, save_quantized, write_model_dir
 from gpt.tokenizer import Tokenizer
 
 PRECISIONS = {"fp32": ("f32", None), "bf16": ("bf16", "bf16"), "int8": ("q8_0", "int8")}  # ours → (gguf, quantize)
@@ -80,14 +87,11 @@ def _model_dirs(work: Path, precisions: list[str]) -> dict[str, Path]:
 
 
 def gpt_generate_rate(directory: Path, new_tokens: int, threads: int) -> float:
-    """tokens/s that a fresh `gpt generate -t 0` prints for itself (best of REPEATS runs)."""
-    return max(_gpt_generate_once(directory, new_tokens, threads) for _ in range(REPEATS))
-
-
-def _gpt_generate_once(directory: Path, new_tokens: int, threads: int) -> float:
+    """tokens/s that a fresh `gpt generate -t 0` prints for itself (its own OpenMP wait policy choice)."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     cmd = [sys.executable, "-m", "gpt.cli", "generate", "-c", str(directory), "-t", "0", "-m", str(new_tokens),
            "--threads", str(threads), PROMPT]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode:
         raise RuntimeError(f"gpt generate failed ({done.returncode}): {done.stderr[-1000:]}")
     err = done.stderr
@@ -99,17 +103,62 @@ def _gpt_generate_once(directory: Path, new_tokens: int, threads: int) -> float:
     return float(match.group(2))
 
 
-def ours_warm_rate(directory: Path, new_tokens: int) -> float:
+def ours_warm_rate(directory: Path, new_tokens: int, threads: int) -> float:
+    """Greedy tokens/s of gpt.model_dir.load + model.generate after a warm-up completion (in a child process)."""
+    torch.set_num_threads(threads)
     loaded = load(directory)
     ids = torch.tensor([loaded.tokenizer.encode(PROMPT)])
-    rates = []
     with torch.inference_mode():
-        loaded.model.generate(ids, 8, temperature=0.0)  # warm-up: lazy kernels, allocator
+        loaded.model.generate(ids, 8, temperature=0.0)  # a warm-up beyond load's own
+        start = time.perf_counter()
+        out = loaded.model.generate(ids, new_tokens, temperature=0.0)
+        return (out.shape[1] - ids.shape[1]) / (time.perf_counter() - start)
+
+
+MATMUL_OPS = ("addmv", "addmm", "mm", "mv", "linear_dynamic", "_weight_int8pack_mm", "bmm")
+ATTENTION_OPS = ("scaled_dot_product", "flash_attention")
+SAMPLING_OPS = ("argmax", "topk", "multinomial", "softmax", "sort")
+
+
+def decode_breakdown(directory: Path, new_tokens: int, threads: int) -> dict[str, float]:
+    """ms per decode step of the warm API, split by the torch profiler's self time per op: matmul kernels,
+    attention, sampling (argmax), other tensor ops; Python/dispatch = the unprofiled wall time minus all ops.
+    Detokenization: gpt.generate.TextStream over the same tokens (what `gpt generate`/serve add per token)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from gpt.generate import TextStream
+
+    torch.set_num_threads(threads)
+    loaded = load(directory)
+    ids = torch.tensor([loaded.tokenizer.encode(PROMPT)])
+    runs = []  # (wall ms per step unprofiled, profiled wall ms per step, profiler) of REPEATS tries
+    with torch.inference_mode():
+        loaded.model.generate(ids, 8, temperature=0.0)
         for _ in range(REPEATS):
             start = time.perf_counter()
             out = loaded.model.generate(ids, new_tokens, temperature=0.0)
-            rates.append((out.shape[1] - ids.shape[1]) / (time.perf_counter() - start))
-    return max(rates)
+            wall = (time.perf_counter() - start) * 1e3 / new_tokens
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                start = time.perf_counter()
+                loaded.model.generate(ids, new_tokens, temperature=0.0)
+                profiled = (time.perf_counter() - start) * 1e3 / new_tokens
+            runs.append((wall, profiled, prof))
+    wall, profiled, prof = min(runs, key=lambda run: run[1])  # the least disturbed profiled run
+    parts = dict.fromkeys(("matmul", "attention", "sampling", "other ops"), 0.0)
+    for event in prof.key_averages():
+        name = event.key.removeprefix("aten::").removeprefix("quantized::")
+        part = ("matmul" if name.rstrip("_") in MATMUL_OPS else "attention" if any(a in name for a in ATTENTION_OPS)
+                else "sampling" if name in SAMPLING_OPS else "other ops")
+        parts[part] += event.self_cpu_time_total / 1e3 / new_tokens
+    parts["python/dispatch"] = max(0.0, profiled - sum(parts.values()))  # includes the profiler's own overhead
+    parts["step, profiled"] = profiled
+    stream = TextStream(loaded.tokenizer, ids[0].tolist())
+    start = time.perf_counter()
+    for token in out[0, ids.shape[1]:].tolist():
+        stream.push([token])
+    parts["detokenize"] = (time.perf_counter() - start) * 1e3 / new_tokens
+    parts["step, unprofiled"] = min(run[0] for run in runs)
+    return parts
 
 
 def _load_llama(gguf_path: Path, n_ctx: int, threads: int, extra_buffers: bool) -> object:
@@ -142,68 +191,116 @@ def llama_cpp_rate(gguf_path: Path, prompt_ids: list[int], new_tokens: int, thre
                    extra_buffers: bool) -> float:
     llm = _load_llama(gguf_path, len(prompt_ids) + new_tokens + 8, threads, extra_buffers)
     rates = []
-    for _ in range(1 + REPEATS):  # the first pass warms up (page cache, thread pool)
+    for _ in range(2):  # the first pass warms up (page cache, thread pool)
         llm.reset()
         llm.eval(prompt_ids)
         start = time.perf_counter()
         for _ in range(new_tokens):
             llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
         rates.append(new_tokens / (time.perf_counter() - start))
-    return max(rates[1:])
+    return rates[-1]
 
 
-def _in_child(fn, *args):
-    """fn(*args) in a fresh process: llama.cpp's and torch's OpenMP thread pools in one process slow each other."""
+def _in_child(fn, *args, wait_policy: str | None = None):
+    """fn(*args) in a fresh process (llama.cpp's and torch's OpenMP thread pools in one process slow each other),
+    with OMP_WAIT_POLICY=wait_policy (None: unset, libgomp's default)."""
     import multiprocessing
 
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(fn, args)
+    saved = os.environ.pop("OMP_WAIT_POLICY", None)
+    if wait_policy:
+        os.environ["OMP_WAIT_POLICY"] = wait_policy
+    try:
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            return pool.apply(fn, args)
+    finally:
+        os.environ.pop("OMP_WAIT_POLICY", None)
+        if saved is not None:
+            os.environ["OMP_WAIT_POLICY"] = saved
 
 
-def markdown(rows: list[dict], info: str) -> str:
+def _load() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def markdown(rows: list[dict], info: str, breakdowns: dict[str, dict[str, float]]) -> str:
     lines = [f"Seed config (93M parameters, random weights), batch 1, greedy, {rows[0]['new']} new tokens, "
-             f"{rows[0]['threads']} threads, each rate the best of {REPEATS} runs. {info}", "",
-             "| precision (ours / GGUF) | llama.cpp tok/s | `gpt generate` tok/s | ratio | warm API tok/s | ratio |",
-             "|---|---:|---:|---:|---:|---:|"]
+             f"{rows[0]['threads']} threads; {REPEATS} interleaved rounds (llama.cpp, `gpt generate`, warm API "
+             f"per precision), each rate the best round. {info}", "",
+             "| precision (ours / GGUF) | llama.cpp tok/s | `gpt generate` tok/s | ratio | warm API tok/s | ratio "
+             "| load (1/5/15 min) during the row |",
+             "|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         lines.append(f"| {r['precision']} / {r['gguf']} | {r['llama']:.1f} | {r['cli']:.1f} | "
-                     f"{r['cli'] / r['llama']:.2f} | {r['warm']:.1f} | {r['warm'] / r['llama']:.2f} |")
+                     f"{r['cli'] / r['llama']:.2f} | {r['warm']:.1f} | {r['warm'] / r['llama']:.2f} | "
+                     f"{r['load']} |")
+    if breakdowns:
+        parts = list(next(iter(breakdowns.values())))
+        lines += ["", "Where a decode step's time goes (warm API, ms per token, the least disturbed of "
+                  f"{REPEATS} profiled runs: torch profiler self time per op; Python/dispatch = that run's wall "
+                  "time minus all ops, so it includes the profiler's own overhead; detokenize = gpt.generate."
+                  "TextStream per token; the fastest unprofiled step for comparison):", "",
+                  "| precision | " + " | ".join(parts) + " |", "|---|" + "---:|" * len(parts)]
+        for name, b in breakdowns.items():
+            lines.append(f"| {name} | " + " | ".join(f"{b[k]:.2f}" for k in parts) + " |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
+    from gpt.cli import openmp_wait_policy
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--breakdown", action="store_true", help="also profile where a decode step's time goes")
     parser.add_argument("--write", action="store_true", help="replace this benchmark's section in bench/README.md")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     malloc = "set" if os.environ.get("MALLOC_MMAP_THRESHOLD_") else "not set"
-    rows = []
+    load_before = _load()
     with tempfile.TemporaryDirectory(prefix="bench_llamacpp.") as tmp:
         work = Path(tmp)
         dirs = _model_dirs(work, args.precisions)
-        fp32 = load(dirs["fp32"]).model
+        fp32 = load_model(dirs["fp32"])
         tok = Tokenizer.load(dirs["fp32"])
         prompt_ids = tok.encode(PROMPT)
-        for name in args.precisions:
-            gguf_type = PRECISIONS[name][0]
-            gguf_path = write_gguf(fp32, tok, work / f"seed-{gguf_type}.gguf", gguf_type)
-            row = {"precision": name, "gguf": gguf_type, "new": args.new_tokens, "threads": args.threads,
-                   "llama": _in_child(llama_cpp_rate, gguf_path, prompt_ids, args.new_tokens, args.threads,
-                                      not (gguf_type == "q8_0" and _has_amx())),
-                   "cli": gpt_generate_rate(dirs[name], args.new_tokens, args.threads),
-                   "warm": ours_warm_rate(dirs[name], args.new_tokens)}
-            print(row, flush=True)
-            rows.append(row)
-    load_avg = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+        ggufs = {name: write_gguf(fp32, tok, work / f"seed-{PRECISIONS[name][0]}.gguf", PRECISIONS[name][0])
+                 for name in args.precisions}
+        del fp32
+        rows = {name: {"precision": name, "gguf": PRECISIONS[name][0], "new": args.new_tokens,
+                       "threads": args.threads, "llama": 0.0, "cli": 0.0, "warm": 0.0, "loads": []}
+                for name in args.precisions}
+        policies = []
+        for round_ in range(REPEATS):
+            for name in args.precisions:
+                row = rows[name]
+                row["loads"].append(_load())
+                repack = not (PRECISIONS[name][0] == "q8_0" and _has_amx())
+                row["llama"] = max(row["llama"], _in_child(llama_cpp_rate, ggufs[name], prompt_ids,
+                                                           args.new_tokens, args.threads, repack))
+                row["cli"] = max(row["cli"], gpt_generate_rate(dirs[name], args.new_tokens, args.threads))
+                policy = openmp_wait_policy(args.threads)
+                policies.append(policy or "default")
+                row["warm"] = max(row["warm"], _in_child(ours_warm_rate, dirs[name], args.new_tokens,
+                                                         args.threads, wait_policy=policy))
+                print(f"round {round_ + 1}: {name} llama.cpp {row['llama']:.1f}, gpt generate {row['cli']:.1f}, "
+                      f"warm {row['warm']:.1f} tok/s (best so far; load {row['loads'][-1]}, warm API policy "
+                      f"{policies[-1]})", flush=True)
+        breakdowns = {}
+        if args.breakdown:
+            for name in args.precisions:
+                breakdowns[name] = _in_child(decode_breakdown, dirs[name], args.new_tokens, args.threads,
+                                             wait_policy=openmp_wait_policy(args.threads))
+                print(name, {k: round(v, 2) for k, v in breakdowns[name].items()}, flush=True)
+    for row in rows.values():
+        row["load"] = f"{row['loads'][0]} … {row['loads'][-1]}"
     info = (f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, MALLOC_* thresholds {malloc}, "
-            f"load average at the end {load_avg}.")
+            f"load average (1/5/15 min) before {load_before}, after {_load()}; OpenMP wait policy of the warm API "
+            f"runs (as `gpt generate` chose): {', '.join(sorted(set(policies)))}.")
     if "int8" in args.precisions and _has_amx():
         info += (" This CPU has AMX, where llama.cpp's repacked q8_0 path segfaults (ggml-org/llama.cpp#20824), so "
                  "its q8_0 runs without weight repacking (plain q8_0 kernels).")
-    table = markdown(rows, info)
+    table = markdown(list(rows.values()), info, breakdowns)
     print(table)
     if args.write:
         write_section("llamacpp", "Decode speed vs llama.cpp (bench_llamacpp.py)", table)

@@ -80,6 +80,9 @@ class Int8Linear(nn.Module):
             return torch.ops.quantized.linear_prepack(qw, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._packed is not None and x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous():
+            # the common decode call: fbgemm takes (..., in) as is — one op instead of five (~25 calls per token)
+            return torch.ops.quantized.linear_dynamic(x, self._packed, True)
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if self._packed is not None and x2.device.type == "cpu":
