@@ -190,15 +190,15 @@ def _has_amx() -> bool:
 def llama_cpp_rate(gguf_path: Path, prompt_ids: list[int], new_tokens: int, threads: int,
                    extra_buffers: bool) -> float:
     llm = _load_llama(gguf_path, len(prompt_ids) + new_tokens + 8, threads, extra_buffers)
-    rates = []
-    for _ in range(2):  # the first pass warms up (page cache, thread pool)
+    rate = 0.0
+    for n in (min(16, new_tokens), new_tokens):  # a short first pass warms up (page cache, thread pool)
         llm.reset()
         llm.eval(prompt_ids)
         start = time.perf_counter()
-        for _ in range(new_tokens):
+        for _ in range(n):
             llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
-        rates.append(new_tokens / (time.perf_counter() - start))
-    return rates[-1]
+        rate = n / (time.perf_counter() - start)
+    return rate
 
 
 def _in_child(fn, *args, wait_policy: str | None = None):
@@ -222,9 +222,9 @@ def _load() -> str:
     return "/".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def markdown(rows: list[dict], info: str, breakdowns: dict[str, dict[str, float]]) -> str:
+def markdown(rows: list[dict], info: str, breakdowns: dict[str, dict[str, float]], rounds: int = REPEATS) -> str:
     lines = [f"Seed config (93M parameters, random weights), batch 1, greedy, {rows[0]['new']} new tokens, "
-             f"{rows[0]['threads']} threads; {REPEATS} interleaved rounds (llama.cpp, `gpt generate`, warm API "
+             f"{rows[0]['threads']} threads; {rounds} interleaved rounds (llama.cpp, `gpt generate`, warm API "
              f"per precision), each rate the best round. {info}", "",
              "| precision (ours / GGUF) | llama.cpp tok/s | `gpt generate` tok/s | ratio | warm API tok/s | ratio "
              "| load (1/5/15 min) during the row |",
@@ -252,6 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=REPEATS, help=f"interleaved rounds (default {REPEATS})")
     parser.add_argument("--breakdown", action="store_true", help="also profile where a decode step's time goes")
     parser.add_argument("--write", action="store_true", help="replace this benchmark's section in bench/README.md")
     args = parser.parse_args(argv)
@@ -271,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
                        "threads": args.threads, "llama": 0.0, "cli": 0.0, "warm": 0.0, "loads": []}
                 for name in args.precisions}
         policies = []
-        for round_ in range(REPEATS):
+        for round_ in range(args.rounds):
             for name in args.precisions:
                 row = rows[name]
                 row["loads"].append(_load())
@@ -300,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
     if "int8" in args.precisions and _has_amx():
         info += (" This CPU has AMX, where llama.cpp's repacked q8_0 path segfaults (ggml-org/llama.cpp#20824), so "
                  "its q8_0 runs without weight repacking (plain q8_0 kernels).")
-    table = markdown(list(rows.values()), info, breakdowns)
+    table = markdown(list(rows.values()), info, breakdowns, args.rounds)
     print(table)
     if args.write:
         write_section("llamacpp", "Decode speed vs llama.cpp (bench_llamacpp.py)", table)

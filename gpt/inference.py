@@ -21,6 +21,13 @@ decode tokens/s plain → prepared: fp32 48.7 → 52.1, bf16 53.0 → 68.4 (1 th
 Costs: a prepared fp32 model's weights are not contiguous, so save the model you loaded, not a prepared one
 (safetensors refuses non-contiguous tensors); the tied embedding is looked up from the transposed storage
 (a strided gather: ~3 ms more per 512-token prefill of the seed model, nothing per decode step).
+
+Also at preparation: `nn.Dropout(p=0)` layers are dropped (identities that still cost a module call and an op
+each), and `warm_up` decodes two tokens so one-time kernel and thread-pool set-up happens at load, not in the
+first timed completion. Not done, measured (issue 15, bench/README.md): torch.compile of the decode step (10 min
+of compiling on the loaded 2-core box for an INT8 step that ran slower), oneDNN/MKL pre-packed weights (no faster
+GEMV here, and a packed copy would go stale after an in-place weight edit). Which OpenMP wait policy decodes
+fastest depends on the machine's load; `gpt.cli.openmp_wait_policy` picks it before torch loads.
 """
 
 from __future__ import annotations
