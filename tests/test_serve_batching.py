@@ -224,3 +224,33 @@ def test_full_queue_answers_503_while_the_batch_runs(loaded):
             time.sleep(0.02)
         state = (app.state.scheduler.active, app.state.worker.num_running(), app.state.worker.queued())
         assert state == (0, 0, 0)
+
+
+def test_worker_threads_run_jobs_side_by_side_and_the_queue_stays_bounded():
+    from gpt.serve.engine import Job, QueueFull, Worker
+
+    worker, gate, started = Worker(max_queue=1, threads=2), threading.Event(), []
+    try:
+        for name in ("a", "b"):
+            worker.submit(Job(lambda cancelled, name=name: (started.append(name), gate.wait(5))))
+        deadline = time.time() + 5
+        while len(started) < 2 and time.time() < deadline:
+            time.sleep(0.01)
+        assert sorted(started) == ["a", "b"] and worker.num_running() == 2 and worker.busy.is_set()
+        worker.submit(Job(lambda cancelled: started.append("c")))  # waits for a free thread
+        with pytest.raises(QueueFull):
+            worker.submit(Job(lambda cancelled: started.append("rejected")))
+        gate.set()
+        while (worker.busy.is_set() or worker.queued()) and time.time() < deadline:
+            time.sleep(0.01)
+        assert sorted(started) == ["a", "b", "c"] and not worker.busy.is_set()
+    finally:
+        gate.set()
+        worker.shutdown()
+
+
+def test_max_batch_must_be_positive():
+    from gpt.config import ConfigError
+
+    with pytest.raises(ConfigError, match="serve.max_batch"):
+        ServeConfig(max_batch=0)

@@ -62,7 +62,8 @@ class Worker:
         with self._lock:
             if self.closed:
                 raise QueueFull("server shutting down")
-            if self.jobs.qsize() >= self.max_queue:
+            idle = len(self.threads) - len(self._running_jobs)  # threads about to take a job: it won't wait
+            if self.jobs.qsize() >= self.max_queue + idle:
                 raise QueueFull(f"server busy: {self.max_queue} requests are already waiting")
             self.jobs.put_nowait(job)
         return job
