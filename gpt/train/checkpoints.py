@@ -289,6 +289,10 @@ class CheckpointManager:
         with atomic_directory(final) as tmp:
             broadcast_object(str(tmp), info)
             opt_meta = write_shards(tmp / SHARDS_DIR, model, optimizer)
+            found = len(list((tmp / SHARDS_DIR).glob("*.safetensors")))
+            if found < info.world_size:  # the other ranks wrote into a directory of the same name elsewhere
+                raise ResumeError(f"{final}: {found} shard file(s) where {info.world_size} ranks wrote one each: "
+                                  "paths.checkpoints must be on a filesystem that every node shares")
             if self.tokenizer_dir is not None:
                 copy_tokenizer(self.tokenizer_dir, tmp)
             rng_tensors, rng_meta = rng_to_flat()
