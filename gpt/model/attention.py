@@ -54,13 +54,16 @@ class CausalSelfAttention(nn.Module):
         q, k = positions_module.rotate(q, k, positions)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, S, hd), S = cached + T
-            q = q.to(k.dtype)  # the cache may be kept in higher precision than the model (see new_cache)
+            if q.dtype != k.dtype:  # the cache may be kept in higher precision than the model (see new_cache)
+                q = q.to(k.dtype)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )  # (B, nh, T, hd)
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * hd).to(x.dtype)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * hd)
+        if y.dtype != x.dtype:  # a bf16 model with a float32 cache
+            y = y.to(x.dtype)
         return self.resid_dropout(self.out(y))
 
 
