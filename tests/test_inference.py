@@ -134,3 +134,22 @@ def test_cli_sets_the_wait_policy_before_decoding(monkeypatch, tmp_path, preset_
     monkeypatch.setattr(cli, "_idle_cpus", lambda seconds=0.05: idle)
     assert cli.main(["generate", "--checkpoint", str(tmp_path / "missing"), "hi"]) == 1  # fails after choosing
     assert os.environ.get("OMP_WAIT_POLICY") == expected
+
+
+def test_int8_single_call_path_equals_the_general_path():
+    """Int8Linear's one-fbgemm-call path (contiguous float32) gives what the reshape path gives (non-contiguous
+    input of the same values), for a decode row and a batch."""
+    from gpt.quantize import Int8Linear, quantize_per_channel
+
+    torch.manual_seed(0)
+    q, scale = quantize_per_channel(torch.randn(48, 64))
+    layer = Int8Linear(q, scale, torch.randn(48))
+    if layer.kernel != "fbgemm":
+        pytest.skip("fbgemm is not in this torch build")
+    for shape in ((1, 1, 64), (3, 5, 64)):
+        x = torch.randn(shape)
+        strided = torch.randn(*shape[:-1], 64, 2)[..., 0]  # the same kind of values, not contiguous
+        strided.copy_(x)
+        assert not strided.is_contiguous()
+        with torch.inference_mode():
+            torch.testing.assert_close(layer(x), layer(strided), atol=0, rtol=0)
