@@ -88,7 +88,7 @@ class TrainResult:
     val_loss: float
     best_val_loss: float
     tokens_seen: int
-    train_seconds: float  # wall time of this invocation's steps (excludes a resumed run's earlier part)
+    train_seconds: float  # wall time of this invocation's steps; a rerun with nothing left to train: the run's recorded total
     tokens_per_second: float
     mfu: float
     resumed_from: int  # 0 = fresh start
@@ -187,10 +187,14 @@ def _validate(run: Run, val_windows: Batch) -> dict[str, float]:
 
 
 def _save_checkpoint(run: Run, manager: CheckpointManager, step: int, tokens: int, val_loss: float, best: float,
-                     skipped: int, identity: dict[str, Any], model_config: dict[str, Any]) -> Path | None:
+                     skipped: int, identity: dict[str, Any], model_config: dict[str, Any],
+                     timing: dict[str, float]) -> Path | None:
     """Every rank calls it: under FSDP each writes its shard (a sharded checkpoint); otherwise rank 0 writes the
-    whole checkpoint. Rank 0 gets the path, the other ranks None."""
+    whole checkpoint. Rank 0 gets the path, the other ranks None. `timing` (steps trained and their wall seconds,
+    summed over every invocation of this run) lets a rerun that has nothing left to train report the throughput
+    the run measured instead of 0 — DVC deletes a stage's metrics files before running it."""
     state = {
+        "timing": timing,
         "step": step,
         "tokens_seen": tokens,
         "val_loss": val_loss,
@@ -301,6 +305,7 @@ def train(model: nn.Module, cfg: TrainConfig, train_data: BatchSource, val_data:
                disable=None if cfg.progress and run.info.is_main else True)
     run.trained.train()
     t0, last_ckpt, tok_s = time.perf_counter(), None, 0.0
+    timed = state.get("timing") or {"steps": 0, "seconds": 0.0}  # earlier invocations of this run
     clock = Throughput(tokens_per_step, flops_tok, peak)
     with stop_signals() as stop, contextlib.closing(bar):
         for step in range(start, cfg.max_steps):
@@ -329,20 +334,26 @@ def train(model: nn.Module, cfg: TrainConfig, train_data: BatchSource, val_data:
             bar.update(1)
             stopping = done < cfg.max_steps and _agreed(stop.signum is not None, run)  # the last step: finish
             if is_ckpt or stopping:
+                timing = {"steps": timed["steps"] + done - start,
+                          "seconds": timed["seconds"] + time.perf_counter() - t0}
                 last_ckpt = _save_checkpoint(run, manager, done, tokens, val_loss, best, skipped, identity,
-                                             model_config)
+                                             model_config, timing)
                 barrier(run.info)
             if stopping:
                 raise TrainingInterrupted(stop.signum or signal.SIGINT, done, last_ckpt)
     elapsed = time.perf_counter() - t0
-    avg_tok_s = tokens_per_step * (cfg.max_steps - start) / elapsed
+    if cfg.max_steps > start:
+        avg_tok_s = tokens_per_step * (cfg.max_steps - start) / elapsed
+    else:  # nothing left to train (a finished run re-exported): report what the run measured when it trained
+        elapsed = timed["seconds"]
+        avg_tok_s = tokens_per_step * timed["steps"] / elapsed if elapsed > 0 else 0.0
     result = TrainResult(step=cfg.max_steps, val_loss=val_loss, best_val_loss=best, tokens_seen=tokens,
                          train_seconds=elapsed, tokens_per_second=avg_tok_s,
                          mfu=avg_tok_s * flops_tok / peak if peak else 0.0, resumed_from=start,
                          nonfinite_skipped=skipped, best_checkpoint=_str(manager.best(), run.info),
                          last_checkpoint=_str(last_ckpt or manager.latest(), run.info))
     summary = {"final/val_loss": val_loss}
-    if cfg.max_steps > start:  # a finished run that is only re-exported keeps the throughput it measured
+    if avg_tok_s > 0:  # a finished run that is only re-exported reports the throughput it measured
         summary.update({"final/tokens_per_s": avg_tok_s, "final/mfu": result.mfu})
     logger.summary(summary)
     logger.close()
