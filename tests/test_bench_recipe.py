@@ -132,3 +132,21 @@ def test_bench_tokens_to_target_runs(tiny_pipeline, tmp_path):
     assert [r["optimizer"] for r in result["runs"]] == ["adamw", "muon"]
     assert all([p[0] for p in r["curve"]] == [2, 4] for r in result["runs"])
     assert bench_tokens_to_target.to_target(result["runs"][0]["curve"], result["runs"][0]["curve"][-1][2], 1)[0] <= 4
+
+
+def test_race_on_a_given_clock_counts_only_each_contestants_own_steps():
+    now = [0.0]
+
+    def clock():
+        return now[0]
+
+    def costs(seconds):
+        def step(progress):
+            now[0] += seconds
+            return 0.0
+        return step
+
+    cheap = Contestant("cheap", costs(1.0), lambda: 0.0)
+    dear = Contestant("dear", costs(3.0), lambda: 0.0)
+    race([cheap, dear], budget=10.0, clock=clock)
+    assert (cheap.steps, cheap.seconds) == (10, 10.0) and (dear.steps, dear.seconds) == (4, 12.0)
