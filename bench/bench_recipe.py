@@ -19,7 +19,8 @@ stretched over the budget (its warmup and decay happen at the same fraction of i
 Scoring: every token of the validation split after the first, in non-overlapping windows of each model's context,
 fp32; bits per byte = summed nats / ln 2 / UTF-8 bytes of the validation documents (the same for all).
 
-    python -m bench.bench_recipe                         # ours vs peer, 180 s each (~7 min on 2 cores)
+    python -m bench.bench_recipe                         # ours vs peer, 180 s each (~12 min on 2 cores)
+    python -m bench.bench_recipe --clock cpu             # budget in CPU seconds per thread: for a shared machine
     python -m bench.bench_recipe --seconds 30 --write    # shorter; --write updates bench/README.md (section recipe)
     python -m bench.bench_recipe --no-peer --seconds 60 --variant default --variant optimizer=muon \
         --variant lr=6.0e-3,batch_size=32                # recipe sweep: train/model keys, equal wall time
