@@ -98,6 +98,11 @@ def test_train_then_evaluate_writes_the_promised_outputs(workspace, monkeypatch)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     # ... and keeps the metrics the real run measured (no "0 tokens/s" from the no-op re-export)
     assert json.loads((workspace / "metrics/train/metrics.json").read_text()) == summary_before
+    # `dvc repro --force` deletes the metrics first: the no-op rerun reports the throughput recorded in the checkpoint
+    shutil.rmtree(workspace / "metrics/train")
+    train.main()
+    redone = json.loads((workspace / "metrics/train/metrics.json").read_text())
+    assert redone["final/tokens_per_s"] == pytest.approx(summary_before["final/tokens_per_s"], rel=0.5)
 
 
 def test_vocab_smaller_than_tokenizer_is_a_clear_error(workspace, monkeypatch, tmp_path):

@@ -110,10 +110,12 @@ class TrainLogger:
             self.live.log_metric(name, value)
         self.live.next_step()
 
-    def summary(self, values: dict[str, float]) -> None:
+    def summary(self, values: dict[str, float], keep_existing: bool = False) -> None:
+        """Set summary values; `keep_existing`: only those not already in the summary (a resumed run's file)."""
         if self.live is None:
             return
-        self.live.summary.update(values)
+        self.live.summary.update({k: v for k, v in values.items()
+                                  if not (keep_existing and k in self.live.summary)})
 
     def close(self) -> None:
         if self.live is not None:
