@@ -87,7 +87,7 @@ def test_only_adapter_parameters_change_in_training_and_the_optimizer_holds_only
     counts = parameter_counts(model)
     adapters = sum(v.numel() for v in adapter_state_dict(model).values())
     assert counts["trainable"] == adapters < counts["total"] / 5
-    optimizer = build_optimizer(model, TrainConfig(lr=1e-2, warmup_steps=0), "cpu")
+    optimizer = build_optimizer(model, TrainConfig(lr=1e-2, warmup_steps=0, optimizer="adamw"), "cpu")
     assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == adapters
     windows = torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(3))
     labels = windows.clone()

@@ -18,7 +18,7 @@ import dataclasses
 import hashlib
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -67,6 +67,7 @@ class ChatEvalConfig:
 class SftConfig:
     """params.yaml `sft:` — fine-tuning paths.model into paths.chat_model."""
 
+    optimizer: Literal["adamw", "muon"] = "adamw"  # independent of train.optimizer
     max_steps: int = 150
     batch_size: int = 16
     seq_len: int | None = None  # window length; null = train.seq_len
@@ -92,7 +93,7 @@ class SftConfig:
 
     def train_config(self, base: TrainConfig) -> TrainConfig:
         """`train:` with this section's keys put in (TrainConfig checks them again, naming train.<key>)."""
-        keys = ("max_steps", "batch_size", "lr", "min_lr_ratio", "warmup_steps", "schedule", "weight_decay",
+        keys = ("optimizer", "max_steps", "batch_size", "lr", "min_lr_ratio", "warmup_steps", "schedule", "weight_decay",
                 "eval_every", "eval_windows", "checkpoint_every", "seed")
         try:
             return dataclasses.replace(base, init_from=None, tokens_per_step=None, seq_len=self.seq_len or base.seq_len,

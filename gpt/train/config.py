@@ -29,7 +29,7 @@ class TrainConfig:
     # a model directory (ours, or one from `gpt import`) to continue training from: its weights, its config (the
     # model section must not contradict it) and its tokenizer (the tokenizer stage copies it); null = from scratch
     init_from: str | None = None
-    max_steps: int = 1000
+    max_steps: int = 910
     batch_size: int = 16  # windows per micro-batch per rank
     seq_len: int = 128
     tokens_per_step: int | None = None  # target global tokens per optimizer step; null = one micro-batch per rank
@@ -38,7 +38,7 @@ class TrainConfig:
     warmup_steps: int = 100
     schedule: Schedule = "cosine"
     decay_fraction: float = 0.2  # wsd: the last fraction of steps decays linearly to min lr
-    optimizer: Literal["adamw", "muon"] = "adamw"  # muon: Muon for block matrices, AdamW for the rest (muon.py)
+    optimizer: Literal["adamw", "muon"] = "muon"  # muon: Muon for block matrices, AdamW for the rest (muon.py)
     muon_lr: float = 0.02  # Muon's lr at the schedule's peak (the schedule scales it like train.lr)
     muon_momentum: float = 0.95
     weight_decay: float = 0.1
