@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from bench.bench_train import hf_model as hf_gpt2  # the same HF GPT-2 peer as the CPU training bench
 from gpt.model import DecoderOnlyTransformer, ModelConfig
 from gpt.train.metrics import PEAK_FLOPS, flops_per_token
 
@@ -60,17 +61,6 @@ def ceilings() -> dict:
     sync()
     copy = 2 * x.numel() * 20 / (time.perf_counter() - start)
     return {"matmul_bf16_flops": matmul, "copy_bytes_per_s": copy, "device": torch.cuda.get_device_name(0)}
-
-
-def hf_gpt2(cfg: ModelConfig):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    hf_cfg = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.max_seq_len, n_embd=cfg.d_model,
-                        n_layer=cfg.n_layers, n_head=cfg.n_heads, activation_function="gelu",
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=cfg.layer_norm_eps,
-                        tie_word_embeddings=True, bos_token_id=0, eos_token_id=0)
-    hf_cfg._attn_implementation = "sdpa"
-    return GPT2LMHeadModel(hf_cfg)
 
 
 def guarded(fn, *args) -> dict:

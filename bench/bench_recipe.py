@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import statistics
@@ -44,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.bench_train import MALLOC_ENV
-from bench.common import cpu_name, write_section
+from bench.common import cpu_name, finish
 from gpt.train.config import TrainConfig
 
 LN2 = math.log(2.0)
@@ -429,14 +428,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         result = run(args, Path(tmp))
-    text = table(result)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    if args.write:
-        write_section("recipe", "Our default recipe vs nanoGPT's CPU recipe at equal training time "
-                      "(bench/bench_recipe.py)", text)
-    return result
+    return finish(result, table(result), args.out, args.write, "recipe",
+                  "Our default recipe vs nanoGPT's CPU recipe at equal training time (bench/bench_recipe.py)")
 
 
 # what `make repro` trains under (the Makefile's malloc settings) and what the `gpt` command sets (passive OpenMP

@@ -18,7 +18,6 @@ the anchors (modded-nanogpt, Moonlight) report ≈1.35x at GPT-2 small scale.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -28,7 +27,7 @@ from pathlib import Path
 import torch
 
 from bench.bench_recipe import build_ours, pipeline_data, with_run_env
-from bench.common import cpu_name, write_section
+from bench.common import cpu_name, finish
 
 
 def run_sweep(args: argparse.Namespace, workdir: Path) -> dict:
@@ -134,14 +133,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         result = run_sweep(args, Path(tmp))
-    text = table(result)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    if args.write:
-        write_section("tokens_to_target", "Tokens to a target loss: Muon vs AdamW "
-                      "(bench/bench_tokens_to_target.py)", text)
-    return result
+    return finish(result, table(result), args.out, args.write, "tokens_to_target",
+                  "Tokens to a target loss: Muon vs AdamW (bench/bench_tokens_to_target.py)")
 
 
 if __name__ == "__main__":

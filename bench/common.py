@@ -6,6 +6,7 @@ one benchmark (`--write`) replaces only its own table.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 from pathlib import Path
@@ -26,6 +27,16 @@ def write_section(name: str, title: str, text: str) -> None:
     tmp = README.with_suffix(".md.tmp")
     tmp.write_text(current, encoding="utf-8")
     os.replace(tmp, README)
+
+
+def finish(result: dict, text: str, out: Path, write: bool, name: str, title: str) -> dict:
+    """A benchmark's last step: print its table, keep the raw numbers as JSON in `out`, `--write` its section."""
+    print(text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    if write:
+        write_section(name, title, text)
+    return result
 
 
 def cpu_name() -> str:
