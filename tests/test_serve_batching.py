@@ -7,6 +7,7 @@ streams equal the one-at-a-time server's; the bounded queue still answers 503.""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -21,6 +22,16 @@ from gpt.serve.app import create_app
 from gpt.serve.batch import BatchScheduler
 from gpt.serve.config import ServeConfig
 from tests.conftest import live_server
+
+
+@contextlib.contextmanager
+def scheduling(model, max_batch: int):
+    """A BatchScheduler over `model` with `max_batch` slots, shut down however the test ends."""
+    scheduler = BatchScheduler(model, max_batch=max_batch)
+    try:
+        yield scheduler
+    finally:
+        scheduler.shutdown()
 
 VOCAB, EOS = 97, 3
 SMALL = dict(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, max_seq_len=40)
@@ -98,45 +109,35 @@ def test_concurrent_sequences_equal_each_alone(model):
                                                                                            seed=2**62)]
     ps = prompts(len(settings))
     expected = [alone(model, p, **s) for p, s in zip(ps, settings)]
-    scheduler = BatchScheduler(model, max_batch=4)  # six requests, four slots: two wait for a free slot
-    try:
+    with scheduling(model, 4) as scheduler:  # six requests, four slots: two wait for a free slot
         got = run_concurrently([lambda p=p, s=s: batched(scheduler, p, **s) for p, s in zip(ps, settings)])
         assert got == expected
         assert scheduler.steps < sum(len(e) for e in expected) - len(expected)  # steps were shared
         assert scheduler.active == 0
-    finally:
-        scheduler.shutdown()
 
 
 def test_a_sequence_joining_mid_decode_gets_its_own_tokens(model):
     first, second = prompts(2)
-    scheduler = BatchScheduler(model, max_batch=3)
-    try:
+    with scheduling(model, 3) as scheduler:
         stream = scheduler.model.stream(torch.tensor([first]), 30, temperature=0.0)
         head = [next(stream) for _ in range(10)]  # decoding alone for 10 steps
         joined = batched(scheduler, second, 12)  # joins, runs alongside, leaves
         rest = list(stream)
         assert head + rest == alone(model, first, 30)
         assert joined == alone(model, second, 12)
-    finally:
-        scheduler.shutdown()
 
 
 def test_sliding_past_the_context_matches_the_one_at_a_time_window(model):
     """max_seq_len 40: 60 new tokens slide the window (re-encode the last 20) as model.stream does."""
     a, b = prompts(2)
-    scheduler = BatchScheduler(model, max_batch=2)
-    try:
+    with scheduling(model, 2) as scheduler:
         got = run_concurrently([lambda: batched(scheduler, a, 60), lambda: batched(scheduler, b, 45)])
         assert got == [alone(model, a, 60), alone(model, b, 45)]
-    finally:
-        scheduler.shutdown()
 
 
 def test_a_closed_stream_frees_its_slot_at_once(model):
     a, b = prompts(2)
-    scheduler = BatchScheduler(model, max_batch=2)
-    try:
+    with scheduling(model, 2) as scheduler:
         long = scheduler.model.stream(torch.tensor([a]), 1000, temperature=0.0)
         next(long)
         other = scheduler.model.stream(torch.tensor([b]), 25, temperature=0.0)
@@ -149,8 +150,6 @@ def test_a_closed_stream_frees_its_slot_at_once(model):
         assert scheduler.active == 1
         assert got + list(other) == alone(model, b, 25)  # the survivor moved to slot 0 undisturbed
         assert scheduler.active == 0
-    finally:
-        scheduler.shutdown()
 
 
 # ---------------------------------------------------------------- the server
