@@ -33,6 +33,7 @@ def scheduling(model, max_batch: int):
     finally:
         scheduler.shutdown()
 
+
 VOCAB, EOS = 97, 3
 SMALL = dict(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, max_seq_len=40)
 
