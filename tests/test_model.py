@@ -186,3 +186,51 @@ def test_verify_installation_output(capsys):
     assert f"Total parameters: {count:,}" in out
     loss = float(out.split("Loss: ")[1].split()[0])
     assert abs(loss - math.log(config.vocab_size)) < 0.3
+
+
+def test_cpu_bf16_training_attention_runs_in_fp32_and_matches_the_bf16_kernel():
+    """Under CPU bf16 autocast with gradients, short sequences take attention through fp32 (the faster backward,
+    gpt/model/attention.py); the loss and gradients agree with bf16 attention to bf16 tolerance."""
+    from gpt.model import attention
+
+    torch.manual_seed(0)
+    model = DecoderOnlyTransformer(ModelConfig.from_preset("tiny", vocab_size=64, n_layers=2, max_seq_len=64))
+    ids = torch.randint(0, 64, (2, 64))
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(ids, labels=ids)[1]
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    seen = []
+    real_sdpa = attention.F.scaled_dot_product_attention
+
+    def spy(q, *args, **kwargs):
+        seen.append(q.dtype)
+        return real_sdpa(q, *args, **kwargs)
+
+    attention.F.scaled_dot_product_attention = spy
+    try:
+        fp32_loss, fp32_grads = loss_and_grads()
+        assert seen == [torch.float32] * 2
+        threshold, attention.FP32_ATTENTION_BELOW = attention.FP32_ATTENTION_BELOW, 0
+        try:
+            bf16_loss, bf16_grads = loss_and_grads()
+        finally:
+            attention.FP32_ATTENTION_BELOW = threshold
+        assert seen[2:] == [torch.bfloat16] * 2
+    finally:
+        attention.F.scaled_dot_product_attention = real_sdpa
+    torch.testing.assert_close(fp32_loss, bf16_loss, atol=2e-2, rtol=1e-2)
+    for a, b in zip(fp32_grads, bf16_grads, strict=True):
+        assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # inference keeps the bf16 kernel
+        seen.clear()
+        attention.F.scaled_dot_product_attention = spy
+        try:
+            model(ids)
+        finally:
+            attention.F.scaled_dot_product_attention = real_sdpa
+        assert seen == [torch.bfloat16] * 2

@@ -93,3 +93,26 @@ def test_muon_trains_and_resumes_exactly_from_its_state_dict():
 def test_muon_groups_refuse_vectors():
     with pytest.raises(ValueError, match="matrices"):
         Muon([{"params": [torch.nn.Parameter(torch.zeros(3))], "use_muon": True}])
+
+
+def test_same_shape_matrices_are_orthogonalised_together_with_the_per_matrix_result():
+    """The step stacks matrices of one shape into one batched iteration; each update equals the matrix alone."""
+    torch.manual_seed(0)
+    model = DecoderOnlyTransformer(ModelConfig.from_preset("tiny", vocab_size=64, n_layers=3, d_model=32,
+                                                           n_heads=2, max_seq_len=32, dropout=0.0))
+    opt = build_muon(model, lr=3e-3, muon_lr=0.02, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8,
+                     ns_dtype="float32")
+    ids = _batch(64, 0)
+    model(ids, labels=ids)[1].backward()
+    muon_params = opt.param_groups[0]["params"]
+    shapes = [tuple(p.shape) for p in muon_params]
+    assert len(set(shapes)) < len(shapes)  # something is batched
+    before = [p.detach().clone() for p in muon_params]
+    expected = []
+    for p, old in zip(muon_params, before, strict=True):  # first step: momentum buffer = (1 - beta) grad
+        direction = p.grad.lerp((1 - 0.95) * p.grad, 0.95)
+        scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
+        expected.append(old - 0.02 * scale * orthogonalize(direction, dtype=torch.float32))
+    opt.step()
+    for p, want in zip(muon_params, expected, strict=True):
+        torch.testing.assert_close(p.detach(), want, atol=1e-6, rtol=1e-5)

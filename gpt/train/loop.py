@@ -352,10 +352,9 @@ def train(model: nn.Module, cfg: TrainConfig, train_data: BatchSource, val_data:
                          mfu=avg_tok_s * flops_tok / peak if peak else 0.0, resumed_from=start,
                          nonfinite_skipped=skipped, best_checkpoint=_str(manager.best(), run.info),
                          last_checkpoint=_str(last_ckpt or manager.latest(), run.info))
-    throughput = {"final/tokens_per_s": avg_tok_s, "final/mfu": result.mfu}
-    logger.summary({"final/val_loss": val_loss, **(throughput if cfg.max_steps > start else {})})
-    if cfg.max_steps == start and avg_tok_s > 0:  # only re-exported: keep what was logged, else the recorded value
-        logger.summary(throughput, keep_existing=True)
+    logger.summary({"final/val_loss": val_loss})
+    if avg_tok_s > 0:  # a re-export (nothing trained now) keeps a logged throughput, else reports the recorded one
+        logger.summary({"final/tokens_per_s": avg_tok_s, "final/mfu": result.mfu}, keep_existing=cfg.max_steps == start)
     logger.close()
     if run.sharded:  # the export is written whole, from rank 0's replica (a collective all-gather)
         gather_full_weights(run.model, run.full_model)
