@@ -234,3 +234,38 @@ def test_cpu_bf16_training_attention_runs_in_fp32_and_matches_the_bf16_kernel():
         finally:
             attention.F.scaled_dot_product_attention = real_sdpa
         assert seen == [torch.bfloat16] * 2
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_fused_head_and_loss_equal_logits_then_cross_entropy(dtype, monkeypatch):
+    """model(..., labels, return_logits=False) (training's path: LM head + cross-entropy fused, chunked) gives the
+    loss and gradients of the plain path, with ignored labels and several chunks; no logits are returned."""
+    import contextlib
+
+    from gpt.model import loss as loss_module
+
+    monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 64 * 10)  # 10 rows per chunk: 7 chunks below
+    torch.manual_seed(0)
+    model = DecoderOnlyTransformer(ModelConfig.from_preset("tiny", vocab_size=64, n_layers=2, max_seq_len=32))
+    window = torch.randint(0, 64, (2, 33))
+    labels = window.clone()
+    labels[0, 3:11] = -100
+
+    def run(return_logits):
+        model.zero_grad(set_to_none=True)
+        ctx = torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext()
+        with ctx:
+            logits, loss = model(window[:, :-1], labels=labels, return_logits=return_logits)
+        loss.backward()
+        return logits, loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    plain_logits, plain_loss, plain_grads = run(True)
+    fused_logits, fused_loss, fused_grads = run(False)
+    assert plain_logits is not None and fused_logits is None
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype is None else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(fused_loss, plain_loss, **tol)
+    for a, b in zip(fused_grads, plain_grads, strict=True):
+        if dtype is None:
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+        else:
+            assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.999

@@ -51,7 +51,7 @@ def test_params_yaml_and_the_dataclass_defaults_are_one_source():
 
 def test_the_project_params_load_typed():
     params = load_params(PROJECT_PARAMS)
-    assert params.train.lr == pytest.approx(3.0e-3) and isinstance(params.train.lr, float)
+    assert params.train.lr == pytest.approx(6.0e-3) and isinstance(params.train.lr, float)
     assert params.model.resolve(4096).vocab_size == 4096  # vocab_size null = the tokenizer's
     assert isinstance(params.evaluate.prompts, list) and params.evaluate.prompts
 

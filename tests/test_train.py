@@ -142,8 +142,8 @@ class NanAfter(DecoderOnlyTransformer):
         super().__init__(config)
         self.calls, self.bad_call = 0, bad_call
 
-    def forward(self, input_ids, labels=None, attention_mask=None):
-        logits, loss = super().forward(input_ids, labels, attention_mask)
+    def forward(self, input_ids, labels=None, attention_mask=None, return_logits=True):
+        logits, loss = super().forward(input_ids, labels, attention_mask, return_logits)
         if self.training:
             self.calls += 1
             if self.calls >= self.bad_call:

@@ -21,7 +21,7 @@ from gpt.model import generation
 from gpt.model.attention import CausalSelfAttention, build_attention_mask
 from gpt.model.cache import BatchKVCache, KVCache
 from gpt.model.config import ModelConfig
-from gpt.model.loss import next_token_loss
+from gpt.model.loss import fused_next_token_loss, next_token_loss
 from gpt.model.mlp import build_dense_mlp
 from gpt.model.moe import MoE
 from gpt.model.norms import build_norm
@@ -85,7 +85,8 @@ class DecoderOnlyTransformer(nn.Module):
 
     # ---- forward ----
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                attention_mask: torch.Tensor | None = None,
+                return_logits: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """input_ids (B, T) → (logits (B, T, V), loss or None).
 
         labels: the tokens to predict, shifted inside: position t is scored against labels[:, t + 1]. Usually the
@@ -93,14 +94,17 @@ class DecoderOnlyTransformer(nn.Module):
         labels = window, so every position is scored. -100 marks labels that do not count (`loss.next_token_loss`).
         attention_mask: (B, T), 1 = real token, 0 = padding (left padding for batched prompts).
         In training mode an MoE model adds moe_aux_loss_coef * load-balancing loss to the loss.
+        return_logits=False (with labels; what training uses) → (None, loss): the LM head and the loss are fused
+        (`loss.fused_next_token_loss`), so the (B, T, V) logits are never built.
         """
         hidden, aux_loss = self._run_blocks(input_ids, attention_mask, cache=None)
-        logits = self.lm_head(hidden)
-        loss = None
-        if labels is not None:
-            loss = next_token_loss(logits, labels)
-            if self.training and aux_loss is not None:
-                loss = loss + self.config.moe_aux_loss_coef * aux_loss
+        if labels is not None and not return_logits and type(self.lm_head) is nn.Linear:  # not a LoRA/INT8 head
+            logits, loss = None, fused_next_token_loss(hidden, self.lm_head.weight, labels)
+        else:
+            logits = self.lm_head(hidden)
+            loss = None if labels is None else next_token_loss(logits, labels)
+        if labels is not None and self.training and aux_loss is not None:
+            loss = loss + self.config.moe_aux_loss_coef * aux_loss
         return logits, loss
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

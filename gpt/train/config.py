@@ -29,14 +29,14 @@ class TrainConfig:
     # a model directory (ours, or one from `gpt import`) to continue training from: its weights, its config (the
     # model section must not contradict it) and its tokenizer (the tokenizer stage copies it); null = from scratch
     init_from: str | None = None
-    max_steps: int = 910
-    batch_size: int = 16  # windows per micro-batch per rank
+    max_steps: int = 450
+    batch_size: int = 32  # windows per micro-batch per rank
     seq_len: int = 128
     tokens_per_step: int | None = None  # target global tokens per optimizer step; null = one micro-batch per rank
-    lr: float = 3.0e-3
+    lr: float = 6.0e-3
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
-    warmup_steps: int = 100
-    schedule: Schedule = "cosine"
+    warmup_steps: int = 50
+    schedule: Schedule = "wsd"
     decay_fraction: float = 0.2  # wsd: the last fraction of steps decays linearly to min lr
     optimizer: Literal["adamw", "muon"] = "muon"  # muon: Muon for block matrices, AdamW for the rest (muon.py)
     muon_lr: float = 0.02  # Muon's lr at the schedule's peak (the schedule scales it like train.lr)

@@ -74,7 +74,7 @@ def lm_loss(model: nn.Module, windows: Batch, precision: Precision) -> torch.Ten
     """
     inputs, labels = (windows.windows, windows.labels) if isinstance(windows, LabeledWindows) else (windows, windows)
     with precision.autocast():
-        _, loss = model(inputs[:, :-1], labels=labels)
+        _, loss = model(inputs[:, :-1], labels=labels, return_logits=False)
     return loss.float()
 
 
