@@ -51,7 +51,7 @@ def step_fn(model, kind: str, dtype):
     def step(x: torch.Tensor) -> None:
         with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
             if kind == "ours":
-                _, loss = model(x[:, :-1], labels=x)
+                _, loss = model(x[:, :-1], labels=x, return_logits=False)  # the train stage's path (fused loss)
             else:
                 loss = model(input_ids=x[:, :-1], labels=x[:, :-1]).loss
         loss.backward()

@@ -245,6 +245,7 @@ def test_fused_head_and_loss_equal_logits_then_cross_entropy(dtype, monkeypatch)
     from gpt.model import loss as loss_module
 
     monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 64 * 10)  # 10 rows per chunk: 7 chunks below
+    monkeypatch.setattr(loss_module, "MIN_CHUNK_ROWS", 10)
     torch.manual_seed(0)
     model = DecoderOnlyTransformer(ModelConfig.from_preset("tiny", vocab_size=64, n_layers=2, max_seq_len=32))
     window = torch.randint(0, 64, (2, 33))
