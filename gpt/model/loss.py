@@ -26,6 +26,15 @@ CHUNK_ELEMENTS = 1 << 23
 MIN_CHUNK_ROWS = 1024
 
 
+def _next_tokens(labels: torch.Tensor, scores: torch.Tensor, what: str) -> torch.Tensor:
+    """labels (B, T) or (B, T + 1) for `scores` (B, T, ·) → the targets labels[:, 1:], (B, T - 1) or (B, T)."""
+    B, T = scores.shape[:2]
+    if labels.shape[0] != B or labels.shape[1] not in (T, T + 1):
+        raise ValueError(f"labels of shape {tuple(labels.shape)} do not fit {what} of shape {tuple(scores.shape)}: "
+                         "expected (B, T) or (B, T + 1)")
+    return labels[:, 1:]
+
+
 def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy of logits (B, T, V) against the next tokens: position t is scored against labels[:, t + 1].
 
@@ -34,19 +43,10 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str =
     sees the first T). Labels equal to IGNORE_INDEX are not scored. Computed in float32 whatever the logits'
     dtype; `reduction` as in `F.cross_entropy` ("mean" over scored positions, or "sum").
     """
-    T = logits.shape[1]
-    if labels.shape[0] != logits.shape[0] or labels.shape[1] not in (T, T + 1):
-        raise ValueError(f"labels of shape {tuple(labels.shape)} do not fit logits of shape {tuple(logits.shape)}: "
-                         "expected (B, T) or (B, T + 1)")
-    targets = labels[:, 1:]  # (B, T - 1) or (B, T)
+    targets = _next_tokens(labels, logits, "logits")
     logits = logits[:, :targets.shape[1]]
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction=reduction)
-
-
-def _targets(labels: torch.Tensor, T: int) -> torch.Tensor:
-    """The next-token targets of T positions: labels[:, 1:] cut to T (see next_token_loss)."""
-    return labels[:, 1:][:, :T]
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
@@ -78,7 +78,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             if not bool(keep.all()):
                 probs[~keep] = 0.0  # unscored rows get no gradient
             grad = probs.to(dtype)
-            if grad_hidden is not None:
+            if want_hidden:
                 grad_hidden[start:start + rows] = grad @ w
             if want_weight:
                 chunk_grad = (grad.T @ h).float()
@@ -104,13 +104,10 @@ def fused_next_token_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     """next_token_loss(hidden @ weightᵀ, labels) (the mean) without the logits tensor: hidden (B, T, C), weight
     (V, C). Under autocast the head runs in the autocast dtype (as nn.Linear would); gradients come back in each
     input's dtype. For training, where the logits are not needed; `next_token_loss` otherwise."""
-    B, T, C = hidden.shape
-    if labels.shape[0] != B or labels.shape[1] not in (T, T + 1):
-        raise ValueError(f"labels of shape {tuple(labels.shape)} do not fit hidden states of shape {(B, T, C)}: "
-                         "expected (B, T) or (B, T + 1)")
-    targets = labels[:, 1:]  # as next_token_loss: (B, T - 1) or (B, T)
+    targets = _next_tokens(labels, hidden, "hidden states")
     hidden = hidden[:, :targets.shape[1]]
     device_type = hidden.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
     with torch.autocast(device_type, enabled=False):
-        return _FusedLinearCrossEntropy.apply(hidden.reshape(-1, C), weight, targets.reshape(-1), dtype)
+        return _FusedLinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
+                                              dtype)

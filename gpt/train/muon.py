@@ -72,12 +72,11 @@ def _local_part(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
 
 
-def _same_shape_batches(params: list[torch.Tensor], directions: list[torch.Tensor]) -> list[list[int]]:
-    """Indices of `directions` grouped by shape (and dtype), in first-seen order; 3-D expert banks stay alone."""
+def _same_shape_batches(directions: list[torch.Tensor]) -> list[list[int]]:
+    """Indices of `directions` grouped by shape and dtype, in first-seen order."""
     batches: dict[tuple, list[int]] = {}
     for i, direction in enumerate(directions):
-        key = (tuple(direction.shape), direction.dtype) if direction.dim() == 2 else ("alone", i)
-        batches.setdefault(key, []).append(i)
+        batches.setdefault((tuple(direction.shape), direction.dtype), []).append(i)
     return list(batches.values())
 
 
@@ -141,11 +140,10 @@ class Muon(torch.optim.Optimizer):
             buf.lerp_(p.grad, 1 - beta)  # buf = beta·buf + (1 − beta)·grad
             params.append(p)
             directions.append(_whole(p.grad.lerp(buf, beta) if group["nesterov"] else buf))
-        for batch in _same_shape_batches(params, directions):
+        for batch in _same_shape_batches(directions):
             # matrices of one shape are orthogonalised together: one batched iteration instead of one per matrix
             # (on a CPU the small matmuls are dispatch-bound; 16 matrices of the tiny preset: 4 batches)
-            stacked = torch.stack([directions[i] for i in batch]) if len(batch) > 1 else directions[batch[0]][None]
-            updates = orthogonalize(stacked, group["ns_steps"], ns_dtype)
+            updates = orthogonalize(torch.stack([directions[i] for i in batch]), group["ns_steps"], ns_dtype)
             for i, update in zip(batch, updates, strict=True):
                 p = params[i]
                 update = _local_part(update, p)

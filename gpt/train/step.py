@@ -68,7 +68,8 @@ class StepResult:
 def lm_loss(model: nn.Module, windows: Batch, precision: Precision) -> torch.Tensor:
     """Next-token cross-entropy of windows [B, T+1]: inputs are the first T tokens, targets the last T.
 
-    The model computes the loss (`gpt.model.next_token_loss`, fp32; labels = the whole window, so all T positions
+    The model computes the loss without returning logits (`gpt.model.loss.fused_next_token_loss`: the LM head and
+    cross-entropy fused, fp32 softmax; labels = the whole window, so all T positions
     are scored, or a LabeledWindows' labels: the mean over its scored positions), adding an MoE load-balancing
     term in training mode; so T may equal max_seq_len.
     """
