@@ -17,9 +17,10 @@ export MALLOC_TRIM_THRESHOLD_ := 68719476736
 
 .PHONY: setup repro test test-slow test-all lint bench clean system-deps repro-deps test-deps slow-test-deps
 
-# apertium: the default augment backend (offline MT). The tests also use the FreeDict dictionary and a browser.
+# apertium: the default augment backend (offline MT). The tests also use the FreeDict dictionary, a browser and a C
+# compiler (gpt/kernels: the native bf16 decode GEMV, compiled on first use).
 REPRO_PACKAGES ?= apertium apertium-eng-spa
-TEST_PACKAGES  ?= $(REPRO_PACKAGES) dict-freedict-eng-ind chromium
+TEST_PACKAGES  ?= $(REPRO_PACKAGES) dict-freedict-eng-ind chromium gcc
 # the slow tests compile llama.cpp (llama-cpp-python builds it from source at install time)
 SLOW_TEST_PACKAGES ?= $(TEST_PACKAGES) cmake g++
 

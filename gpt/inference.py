@@ -11,7 +11,9 @@ measured on this machine's CPU (AMD EPYC with AVX-512 bf16, torch 2.13, 2 thread
 decode tokens/s plain → prepared: fp32 48.7 → 52.1, bf16 53.0 → 68.4 (1 thread: 28.5 → 31.1, 32.9 → 45.7):
   - bf16: `F.linear` goes through oneDNN, which reorders the weight on every call; `torch.addmv` (ATen's own GEMV,
     float32 accumulation, the bias fused as in `F.linear`) reads the (out, in) weight about twice as fast on the
-    65536 x 768 LM head. It is a per-call choice: no process-wide oneDNN switch is touched.
+    65536 x 768 LM head. It is a per-call choice: no process-wide oneDNN switch is touched. Faster still, where
+    the CPU has AVX-512 BF16 and a C compiler is present: `gpt.kernels.gemv` (a prefetching GEMV compiled on
+    first use; 1.13x decode tokens/s over addmv on the 2-core Xeon of bench/README.md).
   - fp32: the BLAS GEMV reads an (in, out)-contiguous matrix faster than an (out, in) one. So the fp32 weights are
     stored transposed: the parameter becomes a `.t()` view of an (in, out) contiguous tensor, and `F.linear` on
     it runs the faster kernel. There is no second copy to go stale: `p.data.mul_(2)`, `load_state_dict` (which
@@ -36,9 +38,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpt import kernels
+from gpt.model.cache import KVCache
+from gpt.model.mlp import GeluMLP
+from gpt.model.norms import LayerNorm
+from gpt.model.positions import LearnedPositions
+
 
 class DecodeLinear(nn.Linear):
-    """`nn.Linear` whose single-row bf16 CPU calls use `torch.addmv`; every other call is `F.linear`.
+    """`nn.Linear` whose single-row bf16 CPU calls use the native GEMV (`gpt.kernels.gemv`) or, where it is off,
+    `torch.addmv`; every other call is `F.linear`.
 
     The kernel is chosen from the weight as it is at call time (dtype, layout, device), so nothing is cached.
     """
@@ -58,7 +67,9 @@ class DecodeLinear(nn.Linear):
         if (x.device.type == "cpu" and weight.dtype == torch.bfloat16 and x.dtype == weight.dtype
                 and x.numel() == x.shape[-1] and weight.is_contiguous()):
             row = x.reshape(-1)  # (in,)
-            y = torch.mv(weight, row) if self.bias is None else torch.addmv(self.bias, weight, row)
+            y = kernels.gemv(weight, row, self.bias)
+            if y is None:
+                y = torch.mv(weight, row) if self.bias is None else torch.addmv(self.bias, weight, row)
             return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, weight, self.bias)
 
@@ -74,6 +85,60 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
+class OneTokenStep:
+    """One new token of one sequence through a GPT-2-family model, continuing its `KVCache`, without nn.Module
+    dispatch: (1, 1) ids → final-norm hidden state (1, 1, C), what `model.hidden_states(ids, cache=cache)` gives.
+
+    Why: a decode step of the seed model is ~25 GEMVs plus ~250 small tensor ops and ~80 module calls; with the
+    GEMVs streaming at the memory's speed, the rest (~1.2 ms of an ~8.5 ms bf16 step on the 2-core Xeon of
+    bench/README.md) was what separated us from llama.cpp. This step does the same arithmetic in the same order
+    (so results are equal, not just close: tests/test_inference.py) with about half the Python work: the blocks'
+    layers are called through their `forward` (any Linear: DecodeLinear, Int8Linear), q/k/v come from one view
+    of the fused projection, one cast to the cache's dtype, and per-layer views of the cache are made once per
+    cache. It applies to LayerNorm + GELU-MLP + learned-position + multi-head blocks (`applies`); every other
+    model, batch, padding or prompt goes through `model.hidden_states` (`gpt.model.generation.hidden_states`).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._cache: KVCache | None = None  # the cache whose per-layer views are in self._views
+        self._views: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    @staticmethod
+    def applies(model: nn.Module) -> bool:
+        blocks = getattr(model, "blocks", None)
+        if not isinstance(getattr(model, "positions", None), LearnedPositions) or blocks is None:
+            return False
+        return all(isinstance(b.attn_norm, LayerNorm) and isinstance(b.mlp_norm, LayerNorm)
+                   and isinstance(b.mlp, GeluMLP) and isinstance(b.attn.q_norm, nn.Identity)
+                   and isinstance(b.attn.k_norm, nn.Identity) and b.attn.n_kv_heads == b.attn.n_heads
+                   for b in blocks)
+
+    def __call__(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        model = self.model
+        t = cache.length
+        if t >= cache.capacity:
+            raise RuntimeError(f"KV cache full: {t + 1} positions > capacity {cache.capacity}")
+        if cache is not self._cache:
+            self._views = [(cache.keys[i], cache.values[i]) for i in range(cache.keys.shape[0])]  # (1, nh, cap, hd)
+            self._cache = cache
+        x = model.tok_embeddings.forward(ids[0]) + model.positions.wpe.weight[t]  # (1, C)
+        C = x.shape[-1]
+        for block, (keys, values) in zip(model.blocks, self._views):
+            attn, mlp = block.attn, block.mlp
+            qkv = attn.qkv.forward(block.attn_norm.forward(x)).view(3, 1, attn.n_heads, 1, attn.head_dim)
+            if qkv.dtype != keys.dtype:  # the cache may be kept in higher precision (see model.new_cache)
+                qkv = qkv.to(keys.dtype)
+            keys[:, :, t:t + 1].copy_(qkv[1])
+            values[:, :, t:t + 1].copy_(qkv[2])
+            # 4-D (1, nh, 1, hd) as in CausalSelfAttention: 3-D inputs take a slower CPU kernel (2x, measured)
+            y = F.scaled_dot_product_attention(qkv[0], keys[:, :, :t + 1], values[:, :, :t + 1])
+            x = x + attn.out.forward(y.view(1, C).to(x.dtype))
+            x = x + mlp.proj.forward(mlp.act(mlp.fc.forward(block.mlp_norm.forward(x))))
+        cache.advance(1)
+        return model.final_norm.forward(x).view(1, 1, C)
+
+
 def warm_up(model: nn.Module) -> None:
     """Decode two tokens once, so that one-time costs (kernel selection and JIT code in oneDNN/MKL/fbgemm, the
     OpenMP thread pool, first allocations) are paid at load time, not inside a user's first timed completion."""
@@ -87,7 +152,8 @@ def warm_up(model: nn.Module) -> None:
 def prepare_for_inference(model: nn.Module, warm: bool = True) -> nn.Module:
     """Swap the model's CPU `nn.Linear` layers for `DecodeLinear` (in place) and lay out fp32 weights for GEMV;
     drop `nn.Dropout(p=0)` layers (an identity that still costs a module call and an op per use, ~13 per decode
-    step of the seed model); then, with `warm`, `warm_up` the model.
+    step of the seed model); give a GPT-2-family model its `OneTokenStep` (`model.one_token_step`, which
+    generation and the server use for single-sequence decode steps); then, with `warm`, `warm_up` the model.
 
     Returns `model`. Call it after moving the model to its final device and dtype. The results equal the
     unprepared model's up to float rounding (the kernels sum in a different order). A prepared model still
@@ -102,6 +168,8 @@ def prepare_for_inference(model: nn.Module, warm: bool = True) -> nn.Module:
             _store_transposed(layer.weight)
     for name in [name for name, m in model.named_modules() if type(m) is nn.Dropout and m.p == 0]:
         _replace(model, name, nn.Identity())
+    if OneTokenStep.applies(model):
+        model.one_token_step = OneTokenStep(model)
     if warm:
         warm_up(model)
     return model

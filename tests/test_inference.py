@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpt.inference import DecodeLinear, prepare_for_inference
+from gpt.inference import DecodeLinear, OneTokenStep, prepare_for_inference
+from gpt.model.generation import greedy
 from tests.test_model import build, small
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -153,3 +154,58 @@ def test_int8_single_call_path_equals_the_general_path():
         assert not strided.is_contiguous()
         with torch.inference_mode():
             torch.testing.assert_close(layer(x), layer(strided), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "int8"])
+def test_one_token_step_equals_the_model_forward(kind):
+    """The prepared GPT-2-family model's module-free decode step gives bit-identical hidden states and cache
+    contents to `model.hidden_states` with the same cache, token after token (fp32, bf16 with its fp32 cache,
+    INT8-quantized linears)."""
+    from gpt.quantize import build_int8_model, int8_state_dict
+
+    model = build(small("tiny", max_seq_len=32)).eval()
+    if kind == "bf16":
+        model = model.to(torch.bfloat16)
+    if kind == "int8":
+        model = build_int8_model(model.config, *int8_state_dict(model))
+    prepare_for_inference(model)
+    step = model.one_token_step
+    prompt = torch.randint(0, 97, (1, 5), generator=torch.Generator().manual_seed(3))
+    caches = [model.new_cache(1), model.new_cache(1)]
+    with torch.inference_mode():
+        for cache in caches:
+            model.hidden_states(prompt, cache=cache)
+        token = prompt[:, -1:]
+        for _ in range(27):  # up to the cache's capacity
+            fast = step(token, caches[0])
+            plain = model.hidden_states(token, cache=caches[1])
+            assert torch.equal(fast, plain)
+            assert caches[0].length == caches[1].length
+            token = greedy(model.lm_head(fast[:, -1])).view(1, 1)
+        assert caches[0].length == caches[0].capacity == 32
+        assert torch.equal(caches[0].keys, caches[1].keys) and torch.equal(caches[0].values, caches[1].values)
+        with pytest.raises(RuntimeError, match="KV cache full"):
+            step(token, caches[0])
+
+
+def test_one_token_step_only_for_the_blocks_it_implements():
+    """qwen3-style (RMSNorm, RoPE, QK-norm, GQA, SwiGLU) and MoE models keep the general path; generation with a
+    step equals generation without it (the sliding window re-encodes through the general path)."""
+    for preset in ("qwen3-style", "moe"):
+        assert not OneTokenStep.applies(build(small(preset)))
+    model = prepare_for_inference(build(small("tiny", max_seq_len=16)))
+    assert OneTokenStep.applies(model) and isinstance(model.one_token_step, OneTokenStep)
+    prompt = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(4))
+    with_step = model.generate(prompt, max_new_tokens=40, temperature=0)  # slides past max_seq_len twice
+    del model.one_token_step
+    assert torch.equal(model.generate(prompt, max_new_tokens=40, temperature=0), with_step)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_is_argmax_including_ties(dtype):
+    logits = torch.randn(4, 1000).to(dtype)
+    logits[0, 10] = logits[0, 700] = logits[0].max() + 1  # a tie: the first index wins, as with argmax
+    logits[1] = 0
+    logits[2, 3] = float("nan")
+    assert torch.equal(greedy(logits), logits.argmax(dim=-1))
+    assert greedy(logits).tolist()[:3] == [10, 0, 3]

@@ -16,12 +16,22 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from gpt.model.cache import KVCache
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """logits (..., V) → the index of the largest value along the last dim (the first one on ties, as argmax).
+
+    `max(dim).indices` rather than `argmax`: on CPU, over a 65,536-token vocabulary, argmax took 84 us (fp32) and
+    210 us (bf16) per row where max took 31 / 46 us (torch 2.13, the 2-core Xeon of bench/README.md)."""
+    return logits.max(dim=-1).indices
+
 
 def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                       top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """logits (B, V) → next token ids (B,)."""
     if temperature == 0:
-        return logits.argmax(dim=-1)
+        return greedy(logits)
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
@@ -35,6 +45,16 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+
+
+def hidden_states(model, ids: torch.Tensor, cache, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """`model.hidden_states(ids, attention_mask, cache)`, through the model's `one_token_step` when it has one
+    (`gpt.inference.prepare_for_inference` gives it) and this is one new token of one unpadded sequence."""
+    step = getattr(model, "one_token_step", None)
+    if (step is not None and ids.shape == (1, 1) and attention_mask is None and type(cache) is KVCache
+            and cache.key_mask is None and not model.training):
+        return step(ids, cache)
+    return model.hidden_states(ids, attention_mask=attention_mask, cache=cache)
 
 
 def _check_args(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -94,7 +114,7 @@ class _Decoder:
         return self._last_logits(*self._window(self.length - 1))
 
     def _last_logits(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        hidden = self.model.hidden_states(ids, attention_mask=mask, cache=self.cache)[:, -1]  # (B, C)
+        hidden = hidden_states(self.model, ids, self.cache, mask)[:, -1]  # (B, C)
         logits = self.model.lm_head(hidden)  # (B, V)
         return logits if self.vocab_limit is None else logits[:, : self.vocab_limit]
 

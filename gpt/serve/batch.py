@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from gpt.model.generation import sample_next_token
+from gpt.model.generation import greedy, hidden_states, sample_next_token
 
 _END = object()  # the token queue's end mark
 
@@ -205,7 +205,7 @@ class BatchScheduler:
     def _forward_one(self, seq: _Sequence, ids: list[int]) -> torch.Tensor:
         """Batch-1 forward of `ids` after what seq's slot holds → last logits (1, V)."""
         view = self.cache.row(seq.slot)
-        hidden = self.real_model.hidden_states(torch.tensor([ids], device=self.device), cache=view)[:, -1]
+        hidden = hidden_states(self.real_model, torch.tensor([ids], device=self.device), view)[:, -1]
         self.cache.set_length(seq.slot, view.length)
         return self._logits(hidden, [seq])
 
@@ -243,17 +243,17 @@ class BatchScheduler:
 
     @staticmethod
     def _sample(seqs: list[_Sequence], logits: torch.Tensor) -> list[int]:
-        """Greedy rows in one argmax; every other row through `sample_next_token` with its own generator."""
+        """Greedy rows in one `greedy` call; every other row through `sample_next_token` with its own generator."""
         out = [0] * len(seqs)
-        greedy = [i for i, seq in enumerate(seqs) if seq.temperature == 0]
-        limits = {seqs[i].vocab_limit for i in greedy}
+        greedy_rows = [i for i, seq in enumerate(seqs) if seq.temperature == 0]
+        limits = {seqs[i].vocab_limit for i in greedy_rows}
         if len(limits) == 1:  # (one server, one tokenizer: always)
-            rows = logits if len(greedy) == len(seqs) else logits[greedy]
-            for i, token in zip(greedy, rows[:, : limits.pop()].argmax(dim=-1).tolist()):
+            rows = logits if len(greedy_rows) == len(seqs) else logits[greedy_rows]
+            for i, token in zip(greedy_rows, greedy(rows[:, : limits.pop()]).tolist()):
                 out[i] = token
         else:
-            for i in greedy:
-                out[i] = int(logits[i, : seqs[i].vocab_limit].argmax())
+            for i in greedy_rows:
+                out[i] = int(greedy(logits[i, : seqs[i].vocab_limit]))
         for i, seq in enumerate(seqs):
             if seq.temperature != 0:
                 row = logits[i:i + 1, : seq.vocab_limit]  # (1, V): the shape the one-at-a-time path samples from
