@@ -115,19 +115,27 @@ def ours_warm_rate(directory: Path, new_tokens: int, threads: int) -> float:
         return (out.shape[1] - ids.shape[1]) / (time.perf_counter() - start)
 
 
-MATMUL_OPS = ("addmv", "addmm", "mm", "mv", "linear_dynamic", "_weight_int8pack_mm", "bmm")
+MATMUL_OPS = ("addmv", "addmm", "mm", "mv", "linear_dynamic", "_weight_int8pack_mm", "bmm", "gpt::gemv_bf16")
 ATTENTION_OPS = ("scaled_dot_product", "flash_attention")
-SAMPLING_OPS = ("argmax", "topk", "multinomial", "softmax", "sort")
+SAMPLING_OPS = ("argmax", "max", "topk", "multinomial", "softmax", "sort")
 
 
 def decode_breakdown(directory: Path, new_tokens: int, threads: int) -> dict[str, float]:
     """ms per decode step of the warm API, split by the torch profiler's self time per op: matmul kernels,
     attention, sampling (argmax), other tensor ops; Python/dispatch = the unprofiled wall time minus all ops.
     Detokenization: gpt.generate.TextStream over the same tokens (what `gpt generate`/serve add per token)."""
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile, record_function
 
+    from gpt import kernels
     from gpt.generate import TextStream
 
+    native = kernels._call  # a ctypes call is invisible to the profiler: name it (only in this child process)
+
+    def named_call(*args, **kw):
+        with record_function("gpt::gemv_bf16"):
+            return native(*args, **kw)
+
+    kernels._call = named_call
     torch.set_num_threads(threads)
     loaded = load(directory)
     ids = torch.tensor([loaded.tokenizer.encode(PROMPT)])
@@ -146,7 +154,7 @@ def decode_breakdown(directory: Path, new_tokens: int, threads: int) -> dict[str
     wall, profiled, prof = min(runs, key=lambda run: run[1])  # the least disturbed profiled run
     parts = dict.fromkeys(("matmul", "attention", "sampling", "other ops"), 0.0)
     for event in prof.key_averages():
-        name = event.key.removeprefix("aten::").removeprefix("quantized::")
+        name = event.key if event.key in MATMUL_OPS else event.key.removeprefix("aten::").removeprefix("quantized::")
         part = ("matmul" if name.rstrip("_") in MATMUL_OPS else "attention" if any(a in name for a in ATTENTION_OPS)
                 else "sampling" if name in SAMPLING_OPS else "other ops")
         parts[part] += event.self_cpu_time_total / 1e3 / new_tokens
@@ -159,6 +167,34 @@ def decode_breakdown(directory: Path, new_tokens: int, threads: int) -> dict[str
     parts["detokenize"] = (time.perf_counter() - start) * 1e3 / new_tokens
     parts["step, unprofiled"] = min(run[0] for run in runs)
     return parts
+
+
+BYTES_PER_WEIGHT = {"fp32": 4, "bf16": 2, "int8": 1}  # int8: plus one float32 scale per row (counted)
+
+
+def weight_bytes_per_token(model: DecoderOnlyTransformer, precision: str) -> int:
+    """Bytes a decode step must read: every Linear weight once (the LM head tied to the embedding counted once;
+    one embedding/position row and the norms are negligible), in `precision`'s storage."""
+    seen, total = set(), 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and id(module.weight) not in seen:
+            seen.add(id(module.weight))
+            out, inp = module.weight.shape
+            total += out * inp * BYTES_PER_WEIGHT[precision] + (4 * out if precision == "int8" else 0)
+    return total
+
+
+def read_bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
+    """Best-of-`repeats` bytes/s of torch.sum over `gib` GiB of float32 with `threads` threads: how fast this
+    machine streams memory the decode step cannot keep in cache (the seed model's bf16 weights are 186 MB)."""
+    torch.set_num_threads(threads)
+    x = torch.ones(int(gib * 2 ** 30) // 4)
+    best = 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x.sum()
+        best = max(best, x.numel() * 4 / (time.perf_counter() - start))
+    return best
 
 
 def _load_llama(gguf_path: Path, n_ctx: int, threads: int, extra_buffers: bool) -> object:
@@ -222,7 +258,8 @@ def _load() -> str:
     return "/".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def markdown(rows: list[dict], info: str, breakdowns: dict[str, dict[str, float]], rounds: int = REPEATS) -> str:
+def markdown(rows: list[dict], info: str, breakdowns: dict[str, dict[str, float]], rounds: int = REPEATS,
+             bandwidth: float | None = None) -> str:
     lines = [f"Seed config (93M parameters, random weights), batch 1, greedy, {rows[0]['new']} new tokens, "
              f"{rows[0]['threads']} threads; {rounds} interleaved rounds (llama.cpp, `gpt generate`, warm API "
              f"per precision), each rate the best round. {info}", "",
@@ -233,6 +270,16 @@ def markdown(rows: list[dict], info: str, breakdowns: dict[str, dict[str, float]
         lines.append(f"| {r['precision']} / {r['gguf']} | {r['llama']:.1f} | {r['cli']:.1f} | "
                      f"{r['cli'] / r['llama']:.2f} | {r['warm']:.1f} | {r['warm'] / r['llama']:.2f} | "
                      f"{r['load']} |")
+    if bandwidth:
+        lines += ["", f"Memory-bandwidth limit: torch.sum streams {bandwidth / 1e9:.1f} GB/s over 1 GiB with "
+                  f"{rows[0]['threads']} threads here; a step reads every weight once, so the limit is that rate "
+                  "/ weight bytes per token:", "",
+                  "| precision | weight MB per token | limit tok/s | `gpt generate` / limit | llama.cpp / limit |",
+                  "|---|---:|---:|---:|---:|"]
+        for r in rows:
+            limit = bandwidth / r["bytes"]
+            lines.append(f"| {r['precision']} | {r['bytes'] / 1e6:.0f} | {limit:.0f} | {r['cli'] / limit:.2f} | "
+                         f"{r['llama'] / limit:.2f} |")
     if breakdowns:
         parts = list(next(iter(breakdowns.values())))
         lines += ["", "Where a decode step's time goes (warm API, ms per token, the least disturbed of "
@@ -263,13 +310,15 @@ def main(argv: list[str] | None = None) -> None:
         work = Path(tmp)
         dirs = _model_dirs(work, args.precisions)
         fp32 = load_model(dirs["fp32"])
+        weight_bytes = {name: weight_bytes_per_token(fp32, name) for name in args.precisions}
         tok = Tokenizer.load(dirs["fp32"])
         prompt_ids = tok.encode(PROMPT)
         ggufs = {name: write_gguf(fp32, tok, work / f"seed-{PRECISIONS[name][0]}.gguf", PRECISIONS[name][0])
                  for name in args.precisions}
         del fp32
         rows = {name: {"precision": name, "gguf": PRECISIONS[name][0], "new": args.new_tokens,
-                       "threads": args.threads, "llama": 0.0, "cli": 0.0, "warm": 0.0, "loads": []}
+                       "threads": args.threads, "llama": 0.0, "cli": 0.0, "warm": 0.0, "loads": [],
+                       "bytes": weight_bytes[name]}
                 for name in args.precisions}
         policies = []
         for round_ in range(args.rounds):
@@ -287,6 +336,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"round {round_ + 1}: {name} llama.cpp {row['llama']:.1f}, gpt generate {row['cli']:.1f}, "
                       f"warm {row['warm']:.1f} tok/s (best so far; load {row['loads'][-1]}, warm API policy "
                       f"{policies[-1]})", flush=True)
+        bandwidth = _in_child(read_bandwidth, args.threads)
+        print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s", flush=True)
         breakdowns = {}
         if args.breakdown:
             for name in args.precisions:
@@ -301,7 +352,7 @@ def main(argv: list[str] | None = None) -> None:
     if "int8" in args.precisions and _has_amx():
         info += (" This CPU has AMX, where llama.cpp's repacked q8_0 path segfaults (ggml-org/llama.cpp#20824), so "
                  "its q8_0 runs without weight repacking (plain q8_0 kernels).")
-    table = markdown(list(rows.values()), info, breakdowns, args.rounds)
+    table = markdown(list(rows.values()), info, breakdowns, args.rounds, bandwidth)
     print(table)
     if args.write:
         write_section("llamacpp", "Decode speed vs llama.cpp (bench_llamacpp.py)", table)
