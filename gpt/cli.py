@@ -436,6 +436,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gpt.model_dir import load
     from gpt.serve.app import create_app
     from gpt.serve.config import API_KEY_ENV, ServeConfig
+    from gpt.serve.engine import no_openmp_pool
     from gpt.serve.server import bind_socket, make_server, serve_on
 
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
@@ -454,8 +455,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _check_device(args.device)
     sock = bind_socket(cfg.host, cfg.port)  # a taken port fails now, in one line, before the model loads
     try:
-        loaded = load(args.checkpoint, device=args.device, name=args.name)
-        server = make_server(create_app(loaded, cfg), cfg)
+        with no_openmp_pool():  # the decoding thread gets the threads (gpt/serve/engine.py)
+            loaded = load(args.checkpoint, device=args.device, name=args.name)
+            app = create_app(loaded, cfg)
+        server = make_server(app, cfg)
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         if not _is_loopback(cfg.host) and not cfg.api_key:

@@ -117,6 +117,37 @@ def test_concurrent_sequences_equal_each_alone(model):
         assert scheduler.active == 0
 
 
+def test_every_forward_runs_on_the_one_model_thread(model):
+    """Requests on four threads, the model's work on one (libgomp keeps one spinning pool: batch.py's doc)."""
+    threads: set[int] = set()
+    hook = model.blocks[0].register_forward_pre_hook(lambda *_: threads.add(threading.get_ident()))
+    try:
+        with scheduling(model, 4) as scheduler:
+            run_concurrently([lambda p=p: batched(scheduler, p, 6) for p in prompts(4)])
+            batched(scheduler, prompts(1)[0], 3)  # and a lone one later
+    finally:
+        hook.remove()
+    assert len(threads) == 1 and threading.get_ident() not in threads
+
+
+def test_no_openmp_pool_runs_the_block_single_threaded_then_restores():
+    from gpt.serve.engine import no_openmp_pool
+
+    original = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with no_openmp_pool():
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        seen = []
+        thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        assert seen == [2]  # a thread started later gets the restored count
+    finally:
+        torch.set_num_threads(original)
+
+
 def test_a_sequence_joining_mid_decode_gets_its_own_tokens(model):
     first, second = prompts(2)
     with scheduling(model, 3) as scheduler:

@@ -4,7 +4,12 @@ The server's worker threads (gpt/serve/engine.py) each run one request through t
 (gpt.generate.stream_completion / stream_chat), but against `BatchScheduler.model`, a stand-in for the model whose
 `stream()` hands the prompt to the scheduler and yields the tokens sampled for that sequence. The scheduler owns
 the real model and a `BatchKVCache` (gpt/model/cache.py) with `max_batch` slots; the requests' own threads take
-turns running its scheduling rounds (see `BatchScheduler`). A round:
+turns starting its scheduling rounds (see `BatchScheduler`), which all run on the scheduler's one model thread.
+Why one thread: libgomp (torch's OpenMP) gives every thread that runs parallel ops its own thread pool, and once
+the process holds more OpenMP threads than CPUs it stops spin-waiting between parallel regions, which cost a
+third of batch-1 decode speed on the 2-core box (seed bf16 85 vs 118 tok/s decoding outside vs on the main
+thread). So the model's parallel work stays on one thread: this one, or the one that loaded it
+(`gpt.serve.engine.no_openmp_pool`). A round:
 
   1. at a step boundary, newcomers get a free slot and are prefilled alone (the ordinary batch-1 forward, written
      straight into their slot), and their first token is sampled;
@@ -28,6 +33,7 @@ Prefill is not chunked: a long newcomer's prompt delays the running sequences' n
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import queue
 import threading
 from collections.abc import Iterator, Sequence
@@ -85,10 +91,10 @@ class BatchedModel:
 class BatchScheduler:
     """Owns the model and runs every decode step for up to `max_batch` sequences at once (see the module doc).
 
-    There is no scheduler thread: a sequence's thread that wants its next token and finds none runs the next
-    scheduling round itself (one at a time, `stepping`), which makes a token for every running sequence; the
-    others wait until that round ends. So a lone request decodes in its own thread as without batching (no
-    hand-off per token), and with many, one thread's step overlaps the others' text decoding.
+    A sequence's thread that wants its next token and finds none starts the next scheduling round (one at a
+    time, `stepping`), which makes a token for every running sequence; the others wait until that round ends.
+    The round itself runs on `model_thread`, the one thread that does the model's work (see the module doc), and
+    the starting thread waits for it; with many sequences, one round overlaps the others' text decoding.
     """
 
     def __init__(self, model: torch.nn.Module, max_batch: int):
@@ -107,6 +113,7 @@ class BatchScheduler:
         self.closed = False
         self.steps = 0  # decode steps run (tests, the benchmark)
         self.model = BatchedModel(self)
+        self.model_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpt-model")
 
     @property
     def active(self) -> int:
@@ -152,7 +159,7 @@ class BatchScheduler:
                     return
             self.stepping = True
         try:
-            self._round(decode)
+            self.model_thread.submit(self._round, decode).result()
         finally:
             with self.turn:
                 self.stepping = False
