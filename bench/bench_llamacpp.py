@@ -4,12 +4,13 @@ The seed config (93M parameters, random weights, vocab 65536) is written as our 
 exporter (gpt/gguf.py), as GGUF files of matching precision: fp32 ↔ f32, bf16 ↔ bf16, int8 (`gpt quantize`) ↔
 q8_0. Then, greedy, `--new-tokens` new tokens after a short prompt, in one run:
   - `gpt generate`: the user's path, a fresh `gpt generate -t 0` process (its own tokens/s line);
+  - `gpt serve`: a real server process, one client: a `--new-tokens` completion minus a 1-token one over HTTP;
   - ours, warm Python API: gpt.model_dir.load + model.generate after a warm-up (no EOS stop);
   - llama.cpp through llama-cpp-python in a child process: prompt evaluated, then one `eval` per token with argmax
     of the logits (a warm-up pass first); this includes llama-cpp-python's small per-call Python overhead, so it is
     a slight underestimate of `llama-bench`'s tg number.
-The three are interleaved: each of REPEATS rounds runs llama.cpp, `gpt generate` and the warm API once per
-precision, and each rate is the best round, so a burst of load from other processes hits all three alike.
+The four are interleaved: each of REPEATS rounds runs llama.cpp, `gpt generate`, `gpt serve` and the warm API once per
+precision, and each rate is the best round, so a burst of load from other processes hits all four alike.
 The warm API runs in a child process with the OpenMP wait policy `gpt generate` would choose at that moment
 (gpt.cli.openmp_wait_policy: libgomp's spinning default when there are idle cores, PASSIVE when the machine is
 busy), as `gpt serve` does. `--breakdown` adds where the time of one decode step goes (torch profiler over the
@@ -29,12 +30,15 @@ Needs llama-cpp-python (`pip install -c constraints.txt -e '.[llamacpp]'`, a C++
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +105,51 @@ def gpt_generate_rate(directory: Path, new_tokens: int, threads: int) -> float:
     if int(match.group(1)) < new_tokens:
         print(f"  note: gpt generate stopped after {match.group(1)} tokens (EOS)", file=sys.stderr)
     return float(match.group(2))
+
+
+def gpt_serve_rate(directory: Path, new_tokens: int, threads: int) -> float:
+    """Decode tokens/s of a real `gpt serve` subprocess for one client (greedy, non-streamed HTTP completions):
+    (time of a `new_tokens` completion − time of a 1-token one: prefill and the HTTP round trip) / (new_tokens − 1),
+    best of 2."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    cmd = [sys.executable, "-m", "gpt.cli", "serve", "-c", str(directory), "--port", str(port),
+           "--max-tokens", str(new_tokens), "--threads", str(threads)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    base = f"http://127.0.0.1:{port}"
+
+    def post(max_tokens: int) -> tuple[float, int]:
+        body = json.dumps({"model": directory.name, "prompt": PROMPT, "max_tokens": max_tokens,
+                           "temperature": 0}).encode()
+        request = urllib.request.Request(f"{base}/v1/completions", body, {"Content-Type": "application/json"})
+        start = time.perf_counter()
+        with urllib.request.urlopen(request, timeout=300) as response:
+            tokens = json.load(response)["usage"]["completion_tokens"]
+        return time.perf_counter() - start, tokens
+
+    try:
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=5).close()
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"gpt serve exited ({proc.returncode}): {' '.join(cmd)}") from None
+                time.sleep(0.2)
+        post(8)  # warm-up
+        best = 0.0
+        for _ in range(2):
+            one, _ = post(1)
+            many, tokens = post(new_tokens)
+            if tokens < new_tokens:
+                print(f"  note: gpt serve stopped after {tokens} tokens (EOS)", file=sys.stderr)
+            best = max(best, (tokens - 1) / (many - one))
+        return best
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def ours_warm_rate(directory: Path, new_tokens: int, threads: int) -> float:
@@ -261,15 +310,15 @@ def _load() -> str:
 def markdown(rows: list[dict], info: str, breakdowns: dict[str, dict[str, float]], rounds: int = REPEATS,
              bandwidth: float | None = None) -> str:
     lines = [f"Seed config (93M parameters, random weights), batch 1, greedy, {rows[0]['new']} new tokens, "
-             f"{rows[0]['threads']} threads; {rounds} interleaved rounds (llama.cpp, `gpt generate`, warm API "
-             f"per precision), each rate the best round. {info}", "",
-             "| precision (ours / GGUF) | llama.cpp tok/s | `gpt generate` tok/s | ratio | warm API tok/s | ratio "
-             "| load (1/5/15 min) during the row |",
-             "|---|---:|---:|---:|---:|---:|---|"]
+             f"{rows[0]['threads']} threads; {rounds} interleaved rounds (llama.cpp, `gpt generate`, `gpt serve`, "
+             f"warm API per precision), each rate the best round. {info}", "",
+             "| precision (ours / GGUF) | llama.cpp tok/s | `gpt generate` tok/s | ratio | `gpt serve` tok/s | ratio "
+             "| warm API tok/s | ratio | load (1/5/15 min) during the row |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         lines.append(f"| {r['precision']} / {r['gguf']} | {r['llama']:.1f} | {r['cli']:.1f} | "
-                     f"{r['cli'] / r['llama']:.2f} | {r['warm']:.1f} | {r['warm'] / r['llama']:.2f} | "
-                     f"{r['load']} |")
+                     f"{r['cli'] / r['llama']:.2f} | {r['serve']:.1f} | {r['serve'] / r['llama']:.2f} | "
+                     f"{r['warm']:.1f} | {r['warm'] / r['llama']:.2f} | {r['load']} |")
     if bandwidth:
         lines += ["", f"Memory-bandwidth limit: torch.sum streams {bandwidth / 1e9:.1f} GB/s over 1 GiB with "
                   f"{rows[0]['threads']} threads here; a step reads every weight once, so the limit is that rate "
@@ -317,7 +366,7 @@ def main(argv: list[str] | None = None) -> None:
                  for name in args.precisions}
         del fp32
         rows = {name: {"precision": name, "gguf": PRECISIONS[name][0], "new": args.new_tokens,
-                       "threads": args.threads, "llama": 0.0, "cli": 0.0, "warm": 0.0, "loads": [],
+                       "threads": args.threads, "llama": 0.0, "cli": 0.0, "serve": 0.0, "warm": 0.0, "loads": [],
                        "bytes": weight_bytes[name]}
                 for name in args.precisions}
         policies = []
@@ -329,11 +378,13 @@ def main(argv: list[str] | None = None) -> None:
                 row["llama"] = max(row["llama"], _in_child(llama_cpp_rate, ggufs[name], prompt_ids,
                                                            args.new_tokens, args.threads, repack))
                 row["cli"] = max(row["cli"], gpt_generate_rate(dirs[name], args.new_tokens, args.threads))
+                row["serve"] = max(row["serve"], gpt_serve_rate(dirs[name], args.new_tokens, args.threads))
                 policy = openmp_wait_policy(args.threads)
                 policies.append(policy or "default")
                 row["warm"] = max(row["warm"], _in_child(ours_warm_rate, dirs[name], args.new_tokens,
                                                          args.threads, wait_policy=policy))
                 print(f"round {round_ + 1}: {name} llama.cpp {row['llama']:.1f}, gpt generate {row['cli']:.1f}, "
+                      f"gpt serve {row['serve']:.1f}, "
                       f"warm {row['warm']:.1f} tok/s (best so far; load {row['loads'][-1]}, warm API policy "
                       f"{policies[-1]})", flush=True)
         bandwidth = _in_child(read_bandwidth, args.threads)
