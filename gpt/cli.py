@@ -136,7 +136,8 @@ def _add_info(sub: Any) -> None:
 def _add_serve(sub: Any) -> None:
     serve = sub.add_parser("serve", help="web UI + OpenAI-compatible API",
                            description="Serve the model over HTTP: web UI at /, OpenAI-style /v1/completions "
-                                       "and /v1/models, /health. One generation at a time (FIFO queue).")
+                                       "/v1/chat/completions and /v1/models, /health. Requests are decoded together "
+                                       "(continuous batching, up to --max-batch) from a bounded FIFO queue.")
     _add_checkpoint(serve)
     from gpt.serve.config import API_KEY_ENV, ServeConfig
 
