@@ -11,7 +11,8 @@ Ours: params.yaml's `model:` and `train:` sections (the tiny preset, our sentenc
 and step code: gpt.train.optim/step), trained on the tokenize stage's shards.
 
 Equal terms: the same text (the pipeline's train split, `paths.augmented` / `paths.shards`), the same machine and
-process, the same training wall clock (`--seconds`, default 180 ≈ what `make repro` gives the train stage).
+process, the same training wall clock (`--seconds`, default 75 ≈ what `make repro`'s train stage trains: 450 steps at
+~24k tokens/s on the 2-core Xeon of bench/README.md; `--seconds 180` for the longer comparison).
 Contestants take turns one optimizer step at a time, the one with the least training time so far going next, so
 load from elsewhere hits all alike; each one's clock counts only its own steps. Each recipe's lr schedule is
 stretched over the budget (its warmup and decay happen at the same fraction of its time as in the documented run);
@@ -19,7 +20,7 @@ stretched over the budget (its warmup and decay happen at the same fraction of i
 Scoring: every token of the validation split after the first, in non-overlapping windows of each model's context,
 fp32; bits per byte = summed nats / ln 2 / UTF-8 bytes of the validation documents (the same for all).
 
-    python -m bench.bench_recipe                         # ours vs peer, 180 s each (~12 min on 2 cores)
+    python -m bench.bench_recipe                         # ours vs peer, 75 s each (~5.5 min on 2 cores)
     python -m bench.bench_recipe --clock cpu             # budget in CPU seconds per thread: for a shared machine
     python -m bench.bench_recipe --seconds 30 --write    # shorter; --write updates bench/README.md (section recipe)
     python -m bench.bench_recipe --no-peer --seconds 60 --variant default --variant optimizer=muon \
@@ -411,7 +412,8 @@ def table(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seconds", type=float, default=180.0, help="training wall clock per contestant")
+    parser.add_argument("--seconds", type=float, default=75.0,
+                        help="training clock per contestant (default 75: the pipeline's train stage)")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="what the budget counts: wall "
                         "seconds, or process CPU seconds per thread (steadier on a shared machine)")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
