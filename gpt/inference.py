@@ -101,7 +101,10 @@ class OneTokenStep:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self._cache: KVCache | None = None  # the cache whose per-layer views are in self._views
+        # per-layer (keys, values) views of the last cache stepped, keyed by its buffers' address and layout: the
+        # server hands in a new KVCache object over the same slot every step. (The views keep that one cache's
+        # storage alive until another cache comes, so a key can never match freed, reused memory.)
+        self._key: tuple | None = None
         self._views: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     @staticmethod
@@ -119,9 +122,10 @@ class OneTokenStep:
         t = cache.length
         if t >= cache.capacity:
             raise RuntimeError(f"KV cache full: {t + 1} positions > capacity {cache.capacity}")
-        if cache is not self._cache:
+        key = (cache.keys.data_ptr(), cache.values.data_ptr(), cache.keys.shape, cache.keys.stride())
+        if key != self._key:
             self._views = [(cache.keys[i], cache.values[i]) for i in range(cache.keys.shape[0])]  # (1, nh, cap, hd)
-            self._cache = cache
+            self._key = key
         x = model.tok_embeddings.forward(ids[0]) + model.positions.wpe.weight[t]  # (1, C)
         C = x.shape[-1]
         for block, (keys, values) in zip(model.blocks, self._views):

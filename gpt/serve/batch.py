@@ -44,6 +44,7 @@ import torch
 from gpt.model.generation import greedy, hidden_states, sample_next_token
 
 _END = object()  # the token queue's end mark
+RUN_AHEAD = 4  # a round keeps stepping while every live sequence has fewer unread tokens than this
 
 
 class _Sequence:
@@ -94,7 +95,10 @@ class BatchScheduler:
     A sequence's thread that wants its next token and finds none starts the next scheduling round (one at a
     time, `stepping`), which makes a token for every running sequence; the others wait until that round ends.
     The round itself runs on `model_thread`, the one thread that does the model's work (see the module doc), and
-    the starting thread waits for it; with many sequences, one round overlaps the others' text decoding.
+    the starting thread waits for it. A round keeps stepping while nothing new arrived and every live sequence has
+    fewer than RUN_AHEAD unread tokens, waking the readers after each step, so decoding overlaps the requests'
+    text handling instead of handing every step back and forth (one client of the tiny model: 0.83–0.87x of the
+    one-at-a-time server without it, 1.06–1.08x with it; bench/README.md).
     """
 
     def __init__(self, model: torch.nn.Module, max_batch: int):
@@ -195,11 +199,24 @@ class BatchScheduler:
                     self._start(self.waiting.popleft())
                 if self.rows:
                     self._step()
+                while self.rows and self._run_ahead():
+                    self._step()
         except Exception as err:  # a bug, out of memory, shutdown: fail these requests, keep serving
             for seq in [*self.rows, *self.waiting]:
                 self._finish(seq, err)
             self.rows.clear()
             self.waiting.clear()
+
+    def _run_ahead(self) -> bool:
+        """After a step: run another in this round? Yes while no request has news (a newcomer, a drop, shutdown)
+        and every live sequence has fewer than RUN_AHEAD unread tokens. The model thread then keeps decoding
+        while the requests' threads read and detokenize (each is woken per step) instead of handing every step
+        back and forth: one client of the tiny model lost ~7% to that hand-off."""
+        with self.turn:
+            if self.inbox or self.closed:
+                return False
+            self.turn.notify_all()  # tokens are ready: let their readers take them while the next step runs
+        return all(seq.out.qsize() < RUN_AHEAD for seq in self.rows)
 
     def _start(self, seq: _Sequence) -> None:
         """Give a newcomer the next free slot, prefill it alone, sample its first token."""
