@@ -115,9 +115,12 @@ NOTES = """Notes. Batch 1, greedy, 16-token prompt; both sides run the same weig
 the same tokens. HF = transformers' GPT2LMHeadModel.generate with its own KV cache. "No cache" recomputes the
 whole sequence every step. Where ours gains: batch-1 decoding is memory-bound, and gpt.inference (applied when a
 model is loaded for generation) reads each weight with the fastest GEMV measured here (fp32: weights stored
-transposed, (in, out)-contiguous; bf16: torch.addmv instead of oneDNN); bf16 models keep their KV cache in fp32 on
-CPU (bf16 single-query attention is 2-5x slower). The latency table should be flat in n: each step reads the
-weights once plus n cached keys."""
+transposed, (in, out)-contiguous, for MKL; bf16: the native AVX-512 BF16 GEMV of gpt/kernels where it builds, else
+torch.addmv instead of oneDNN) and decodes GPT-2-family models through a module-free one-token step; bf16 models
+keep their KV cache in fp32 on CPU (bf16 single-query attention is 2-5x slower). The latency table should be flat
+in n: each step reads the weights once plus n cached keys. "Same tokens" in bf16: the two sides' bf16 products
+round differently (oneDNN in HF; ours or ATen's addmv here), and a random-weight model's logits are nearly tied,
+so greedy paths can part (on this Xeon they do with either of our kernels); in fp32 they must not."""
 
 
 def markdown(rows: list[dict], info: dict) -> str:
