@@ -40,9 +40,8 @@ from torch import nn
 
 from gpt import kernels
 from gpt.model.cache import KVCache
-from gpt.model.mlp import GeluMLP
-from gpt.model.norms import LayerNorm
-from gpt.model.positions import LearnedPositions
+from gpt.model.mlp import GeluMLP, SwiGLU
+from gpt.model.positions import LearnedPositions, RotaryPositions
 
 
 class DecodeLinear(nn.Linear):
@@ -86,21 +85,28 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 class OneTokenStep:
-    """One new token of one sequence through a GPT-2-family model, continuing its `KVCache`, without nn.Module
-    dispatch: (1, 1) ids → final-norm hidden state (1, 1, C), what `model.hidden_states(ids, cache=cache)` gives.
+    """One new token of one sequence through a dense model, continuing its `KVCache`, without nn.Module dispatch:
+    (1, 1) ids → final-norm hidden state (1, 1, C), what `model.hidden_states(ids, cache=cache)` gives.
 
     Why: a decode step of the seed model is ~25 GEMVs plus ~250 small tensor ops and ~80 module calls; with the
     GEMVs streaming at the memory's speed, the rest (~1.2 ms of an ~8.5 ms bf16 step on the 2-core Xeon of
     bench/README.md) was what separated us from llama.cpp. This step does the same arithmetic in the same order
-    (so results are equal, not just close: tests/test_inference.py) with about half the Python work: the blocks'
-    layers are called through their `forward` (any Linear: DecodeLinear, Int8Linear), q/k/v come from one view
-    of the fused projection, one cast to the cache's dtype, and per-layer views of the cache are made once per
-    cache. It applies to LayerNorm + GELU-MLP + learned-position + multi-head blocks (`applies`); every other
-    model, batch, padding or prompt goes through `model.hidden_states` (`gpt.model.generation.hidden_states`).
+    (so results are equal, not just close: tests/test_inference.py) with less Python work: layers are called
+    through their `forward` (any Linear: DecodeLinear, Int8Linear; any norm; any dense MLP), q/k/v are views of
+    the fused projection in the (1, heads, 1, head_dim) layout attention wants, and the cache's per-layer views
+    are made once per cache. GPT-2 blocks (learned positions, multi-head, no QK-norm) go further: q/k/v are one
+    view and one cast. It applies to every dense model — GPT-2 and Llama/Qwen3-style (RoPE, GQA, QK-norm,
+    SwiGLU) blocks (`applies`); MoE layers, batches, padding and prompts go through `model.hidden_states`
+    (`gpt.model.generation.hidden_states`).
     """
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+        self.learned = isinstance(model.positions, LearnedPositions)
+        self.simple = self.learned and all(  # GPT-2 attention: q, k, v of one shape, no norm on them
+            isinstance(b.attn.q_norm, nn.Identity) and isinstance(b.attn.k_norm, nn.Identity)
+            and b.attn.n_kv_heads == b.attn.n_heads for b in model.blocks)
+        self.positions = torch.arange(model.config.max_seq_len, device=model.tok_embeddings.weight.device)
         # per-layer (keys, values) views of the last cache stepped, keyed by its buffers' address and layout: the
         # server hands in a new KVCache object over the same slot every step. (The views keep that one cache's
         # storage alive until another cache comes, so a key can never match freed, reused memory.)
@@ -110,12 +116,10 @@ class OneTokenStep:
     @staticmethod
     def applies(model: nn.Module) -> bool:
         blocks = getattr(model, "blocks", None)
-        if not isinstance(getattr(model, "positions", None), LearnedPositions) or blocks is None:
+        positions = getattr(model, "positions", None)
+        if blocks is None or not isinstance(positions, (LearnedPositions, RotaryPositions)):
             return False
-        return all(isinstance(b.attn_norm, LayerNorm) and isinstance(b.mlp_norm, LayerNorm)
-                   and isinstance(b.mlp, GeluMLP) and isinstance(b.attn.q_norm, nn.Identity)
-                   and isinstance(b.attn.k_norm, nn.Identity) and b.attn.n_kv_heads == b.attn.n_heads
-                   for b in blocks)
+        return all(isinstance(b.mlp, (GeluMLP, SwiGLU)) for b in blocks)
 
     def __call__(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         model = self.model
@@ -124,23 +128,37 @@ class OneTokenStep:
             raise RuntimeError(f"KV cache full: {t + 1} positions > capacity {cache.capacity}")
         key = (cache.keys.data_ptr(), cache.values.data_ptr(), cache.keys.shape, cache.keys.stride())
         if key != self._key:
-            self._views = [(cache.keys[i], cache.values[i]) for i in range(cache.keys.shape[0])]  # (1, nh, cap, hd)
+            self._views = [(cache.keys[i], cache.values[i]) for i in range(cache.keys.shape[0])]  # (1, nkv, cap, hd)
             self._key = key
-        x = model.tok_embeddings.forward(ids[0]) + model.positions.wpe.weight[t]  # (1, C)
-        C = x.shape[-1]
+        x = model.tok_embeddings.forward(ids[0])  # (1, C)
+        position = self.positions[t:t + 1]
+        x = x + model.positions.wpe.weight[t] if self.learned else model.positions.embed(x, position)
         for block, (keys, values) in zip(model.blocks, self._views):
-            attn, mlp = block.attn, block.mlp
-            qkv = attn.qkv.forward(block.attn_norm.forward(x)).view(3, 1, attn.n_heads, 1, attn.head_dim)
-            if qkv.dtype != keys.dtype:  # the cache may be kept in higher precision (see model.new_cache)
-                qkv = qkv.to(keys.dtype)
-            keys[:, :, t:t + 1].copy_(qkv[1])
-            values[:, :, t:t + 1].copy_(qkv[2])
+            attn = block.attn
+            qkv = attn.qkv.forward(block.attn_norm.forward(x))
+            if self.simple:
+                qkv = qkv.view(3, 1, attn.n_heads, 1, attn.head_dim)
+                if qkv.dtype != keys.dtype:  # the cache may be kept in higher precision (see model.new_cache)
+                    qkv = qkv.to(keys.dtype)
+                q, k, v = qkv[0], qkv[1], qkv[2]
+            else:
+                hd, nh, nkv = attn.head_dim, attn.n_heads, attn.n_kv_heads
+                q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+                q = attn.q_norm.forward(q.view(1, nh, 1, hd))  # (the norms act on the last dim only)
+                k = attn.k_norm.forward(k.view(1, nkv, 1, hd))
+                q, k = model.positions.rotate(q, k, position)
+                v = v.view(1, nkv, 1, hd)
+                if q.dtype != keys.dtype:
+                    q = q.to(keys.dtype)
+            keys[:, :, t:t + 1].copy_(k)
+            values[:, :, t:t + 1].copy_(v)
             # 4-D (1, nh, 1, hd) as in CausalSelfAttention: 3-D inputs take a slower CPU kernel (2x, measured)
-            y = F.scaled_dot_product_attention(qkv[0], keys[:, :, :t + 1], values[:, :, :t + 1])
-            x = x + attn.out.forward(y.view(1, C).to(x.dtype))
-            x = x + mlp.proj.forward(mlp.act(mlp.fc.forward(block.mlp_norm.forward(x))))
+            y = F.scaled_dot_product_attention(q, keys[:, :, :t + 1], values[:, :, :t + 1],
+                                               enable_gqa=attn.n_kv_heads != attn.n_heads)
+            x = x + attn.out.forward(y.view(1, -1).to(x.dtype))
+            x = x + block.mlp.forward(block.mlp_norm.forward(x))
         cache.advance(1)
-        return model.final_norm.forward(x).view(1, 1, C)
+        return model.final_norm.forward(x).view(1, 1, -1)
 
 
 def warm_up(model: nn.Module) -> None:
@@ -156,7 +174,7 @@ def warm_up(model: nn.Module) -> None:
 def prepare_for_inference(model: nn.Module, warm: bool = True) -> nn.Module:
     """Swap the model's CPU `nn.Linear` layers for `DecodeLinear` (in place) and lay out fp32 weights for GEMV;
     drop `nn.Dropout(p=0)` layers (an identity that still costs a module call and an op per use, ~13 per decode
-    step of the seed model); give a GPT-2-family model its `OneTokenStep` (`model.one_token_step`, which
+    step of the seed model); give a dense model its `OneTokenStep` (`model.one_token_step`, which
     generation and the server use for single-sequence decode steps); then, with `warm`, `warm_up` the model.
 
     Returns `model`. Call it after moving the model to its final device and dtype. The results equal the

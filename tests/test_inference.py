@@ -156,20 +156,28 @@ def test_int8_single_call_path_equals_the_general_path():
             torch.testing.assert_close(layer(x), layer(strided), atol=0, rtol=0)
 
 
+STEP_MODELS = {"gpt2": dict(preset="tiny"), "qwen3-gqa": dict(preset="qwen3-style", n_kv_heads=2),
+               "llama-mha": dict(preset="qwen3-style", qk_norm=False), "gpt2-gqa": dict(preset="tiny", n_kv_heads=2)}
+
+
+@pytest.mark.parametrize("arch", list(STEP_MODELS))
 @pytest.mark.parametrize("kind", ["fp32", "bf16", "int8"])
-def test_one_token_step_equals_the_model_forward(kind):
-    """The prepared GPT-2-family model's module-free decode step gives bit-identical hidden states and cache
-    contents to `model.hidden_states` with the same cache, token after token (fp32, bf16 with its fp32 cache,
-    INT8-quantized linears)."""
+def test_one_token_step_equals_the_model_forward(arch, kind):
+    """The prepared model's module-free decode step gives bit-identical hidden states and cache contents to
+    `model.hidden_states` with the same cache, token after token: GPT-2 blocks (its one-view fast path, and with
+    grouped-query heads), Qwen3-style (RoPE, QK-norm, GQA, SwiGLU) and Llama-style blocks; fp32, bf16 with its fp32
+    cache, INT8-quantized linears."""
     from gpt.quantize import build_int8_model, int8_state_dict
 
-    model = build(small("tiny", max_seq_len=32)).eval()
+    spec = dict(STEP_MODELS[arch])
+    model = build(small(spec.pop("preset"), max_seq_len=32, **spec)).eval()
     if kind == "bf16":
         model = model.to(torch.bfloat16)
     if kind == "int8":
         model = build_int8_model(model.config, *int8_state_dict(model))
     prepare_for_inference(model)
     step = model.one_token_step
+    assert step.simple == (arch == "gpt2")
     prompt = torch.randint(0, 97, (1, 5), generator=torch.Generator().manual_seed(3))
     caches = [model.new_cache(1), model.new_cache(1)]
     with torch.inference_mode():
@@ -188,12 +196,13 @@ def test_one_token_step_equals_the_model_forward(kind):
             step(token, caches[0])
 
 
-def test_one_token_step_only_for_the_blocks_it_implements():
-    """qwen3-style (RMSNorm, RoPE, QK-norm, GQA, SwiGLU) and MoE models keep the general path; generation with a
-    step equals generation without it (the sliding window re-encodes through the general path)."""
-    for preset in ("qwen3-style", "moe"):
-        assert not OneTokenStep.applies(build(small(preset)))
-    model = prepare_for_inference(build(small("tiny", max_seq_len=16)))
+@pytest.mark.parametrize("preset", ["tiny", "qwen3-style"])
+def test_one_token_step_only_for_dense_models(preset):
+    """MoE models keep the general path; generation with a step equals generation without it (the sliding window
+    re-encodes through the general path)."""
+    for moe in ("moe", "hybrid"):
+        assert not OneTokenStep.applies(build(small(moe)))
+    model = prepare_for_inference(build(small(preset, max_seq_len=16)))
     assert OneTokenStep.applies(model) and isinstance(model.one_token_step, OneTokenStep)
     prompt = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(4))
     with_step = model.generate(prompt, max_new_tokens=40, temperature=0)  # slides past max_seq_len twice
