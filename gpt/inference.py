@@ -7,7 +7,7 @@ export and the equivalence tests see ordinary `nn.Linear` layers.
 
 Why. Decoding one token at a time is memory-bound: every step reads every weight once, a single activation row
 against the whole matrix (a GEMV). Which kernel reads the weight fastest depends on its dtype and layout;
-measured on this machine's CPU (AMD EPYC with AVX-512 bf16, torch 2.13, 2 threads, shared machine), seed model
+measured on the AMD EPYC of the earlier sessions (AVX-512 bf16, torch 2.13, 2 threads, shared machine), seed model
 decode tokens/s plain → prepared: fp32 48.7 → 52.1, bf16 53.0 → 68.4 (1 thread: 28.5 → 31.1, 32.9 → 45.7):
   - bf16: `F.linear` goes through oneDNN, which reorders the weight on every call; `torch.addmv` (ATen's own GEMV,
     float32 accumulation, the bias fused as in `F.linear`) reads the (out, in) weight about twice as fast on the
@@ -102,8 +102,7 @@ class OneTokenStep:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.learned = isinstance(model.positions, LearnedPositions)
-        self.simple = self.learned and all(  # GPT-2 attention: q, k, v of one shape, no norm on them
+        self.simple = isinstance(model.positions, LearnedPositions) and all(  # GPT-2 attention: q, k, v of one shape, no norm on them
             isinstance(b.attn.q_norm, nn.Identity) and isinstance(b.attn.k_norm, nn.Identity)
             and b.attn.n_kv_heads == b.attn.n_heads for b in model.blocks)
         self.positions = torch.arange(model.config.max_seq_len, device=model.tok_embeddings.weight.device)
@@ -130,9 +129,8 @@ class OneTokenStep:
         if key != self._key:
             self._views = [(cache.keys[i], cache.values[i]) for i in range(cache.keys.shape[0])]  # (1, nkv, cap, hd)
             self._key = key
-        x = model.tok_embeddings.forward(ids[0])  # (1, C)
         position = self.positions[t:t + 1]
-        x = x + model.positions.wpe.weight[t] if self.learned else model.positions.embed(x, position)
+        x = model.positions.embed(model.tok_embeddings.forward(ids[0]), position)  # (1, C)
         for block, (keys, values) in zip(model.blocks, self._views):
             attn = block.attn
             qkv = attn.qkv.forward(block.attn_norm.forward(x))

@@ -52,6 +52,7 @@ def test_gemv_declines_what_it_does_not_compute():
     assert kernels.gemv(w, torch.randn(32).bfloat16()[::2]) is None  # non-contiguous input
     assert kernels.gemv(w, torch.randn(15).bfloat16()) is None  # wrong length
     assert kernels.gemv(w, x, torch.randn(8)) is None  # float32 bias
+    assert kernels.gemv(w, x, torch.randn(7).bfloat16()) is None  # a bias the C loop would read past
     w.requires_grad_(True)
     assert kernels.gemv(w, x) is None  # gradients wanted: autograd must see the op
     with torch.no_grad():

@@ -37,13 +37,9 @@ SOURCE = Path(__file__).with_name("gemv.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
 COMPILE_TIMEOUT_S = 120
 
-_status = "not loaded yet"
-
-
 def status() -> str:
-    """One line: which native kernels are in use, or why none are."""
-    library()
-    return _status
+    """One line: whether the native kernel is in use, or why not."""
+    return _load()[1]
 
 
 def cache_dir() -> Path:
@@ -54,8 +50,9 @@ def cache_dir() -> Path:
 
 def _compiler() -> str | None:
     for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return shutil.which(name)
+        path = shutil.which(name) if name else None
+        if path:
+            return path
     return None
 
 
@@ -89,7 +86,9 @@ def _build(cc: str, gomp: Path) -> Path:
                f"-Wl,-rpath,{gomp.parent}"]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
         if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-500:]}")
+            raise RuntimeError(f"compiling {SOURCE.name} with {cc} failed (exit {done.returncode}"
+                               f"{': ' + done.stderr.strip()[-400:] if done.stderr.strip() else ''}); ATen's GEMV "
+                               "is used (set CC to another C compiler, or GPT_NATIVE_KERNELS=0 to skip the build)")
 
     return write_atomic(target, compile_to)
 
@@ -114,51 +113,51 @@ def _self_check(lib: ctypes.CDLL) -> str | None:
     return None
 
 
-@functools.cache
 def library() -> ctypes.CDLL | None:
-    """The compiled kernels, or None (reason in `status()`). Built and checked once per process."""
-    global _status
+    """The compiled kernel, or None (why: `status()`). Built and checked once per process."""
+    return _load()[0]
+
+
+@functools.cache
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    """→ (the library or None, the status line)."""
     if os.environ.get("GPT_NATIVE_KERNELS", "1") == "0":
-        _status = "off (GPT_NATIVE_KERNELS=0)"
-        return None
+        return None, "off (GPT_NATIVE_KERNELS=0)"
     if "avx512_bf16" not in _cpu_flags().split():
-        _status = "off: this CPU has no AVX-512 BF16 (ATen's GEMV is used)"
-        return None
+        return None, "off: this CPU has no AVX-512 BF16 (ATen's GEMV is used)"
     cc, gomp = _compiler(), _torch_openmp()
     if cc is None:
-        _status = "off: no C compiler on PATH (install gcc for faster CPU decoding)"
-        return None
+        return None, "off: no C compiler on PATH (install gcc, or set CC, for faster bf16 CPU decoding)"
     if gomp is None:
-        _status = "off: this torch build ships no GNU OpenMP runtime to share"
-        return None
+        return None, "off: this torch build ships no GNU OpenMP runtime to share (ATen's GEMV is used)"
     try:
         lib = ctypes.CDLL(str(_build(cc, gomp)))
         _bind(lib)
         problem = _self_check(lib)
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        _status = f"off: {exc}"
-        return None
+        return None, f"off: {exc}"
     if problem:
-        _status = f"off: {problem}"
-        return None
-    _status = "on: bf16 GEMV (AVX-512 BF16)"
-    return lib
+        return None, f"off: {problem}; ATen's GEMV is used (please report this with your CPU and compiler)"
+    return lib, "on: bf16 GEMV (AVX-512 BF16)"
 
 
 def _call(lib: ctypes.CDLL, w: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None,
           threads: int) -> torch.Tensor:
     y = torch.empty(w.shape[0], dtype=w.dtype)
     lib.gemv_bf16(w.data_ptr(), x.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
-       w.shape[0], w.shape[1], threads)
+                  w.shape[0], w.shape[1], threads)
     return y
 
 
 def gemv(weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """weight (out, in) @ x (in,) + bias (out,), all bf16 on the CPU, with the native kernel → (out,); None when it
-    does not apply (another dtype or device, non-contiguous operands, gradients wanted, kernel off)."""
+    does not apply (another dtype, device or shape, non-contiguous operands, gradients wanted, kernel off). The
+    checks guard the C loop, which reads exactly out × in, in and out elements."""
     if (weight.dtype != torch.bfloat16 or x.dtype != torch.bfloat16 or weight.device.type != "cpu"
             or weight.dim() != 2 or x.shape != (weight.shape[1],) or not weight.is_contiguous()
-            or not x.is_contiguous() or (bias is not None and (bias.dtype != torch.bfloat16 or not bias.is_contiguous()))
+            or not x.is_contiguous()
+            or (bias is not None and (bias.dtype != torch.bfloat16 or bias.shape != (weight.shape[0],)
+                                      or not bias.is_contiguous()))
             or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))):
         return None
     lib = library()

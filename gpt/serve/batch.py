@@ -4,12 +4,9 @@ The server's worker threads (gpt/serve/engine.py) each run one request through t
 (gpt.generate.stream_completion / stream_chat), but against `BatchScheduler.model`, a stand-in for the model whose
 `stream()` hands the prompt to the scheduler and yields the tokens sampled for that sequence. The scheduler owns
 the real model and a `BatchKVCache` (gpt/model/cache.py) with `max_batch` slots; the requests' own threads take
-turns starting its scheduling rounds (see `BatchScheduler`), which all run on the scheduler's one model thread.
-Why one thread: libgomp (torch's OpenMP) gives every thread that runs parallel ops its own thread pool, and once
-the process holds more OpenMP threads than CPUs it stops spin-waiting between parallel regions, which cost a
-third of batch-1 decode speed on the 2-core box (seed bf16 85 vs 118 tok/s decoding outside vs on the main
-thread). So the model's parallel work stays on one thread: this one, or the one that loaded it
-(`gpt.serve.engine.no_openmp_pool`). A round:
+turns starting its scheduling rounds (see `BatchScheduler`), which all run on the scheduler's one model thread:
+torch's OpenMP runtime slows every thread down once several threads own thread pools (why, and what it cost:
+`gpt.serve.engine.no_openmp_pool`). A round:
 
   1. at a step boundary, newcomers get a free slot and are prefilled alone (the ordinary batch-1 forward, written
      straight into their slot), and their first token is sampled;
