@@ -1,5 +1,6 @@
-"""gpt.kernels: the native bf16 GEMV equals a float64 product, is used only where it applies, is built once and
-cached, and stays off (ATen takes over) when a compiler or the CPU feature is missing."""
+"""gpt.kernels: the native bf16 GEMV equals a float64 product and the native softmax cross-entropy equals float64
+and ATen's ops; each is used only where it applies; they are built once and cached, and stay off (ATen takes over)
+when a compiler or the CPU feature is missing."""
 
 from __future__ import annotations
 
@@ -57,6 +58,71 @@ def test_gemv_declines_what_it_does_not_compute():
     assert kernels.gemv(w, x) is None  # gradients wanted: autograd must see the op
     with torch.no_grad():
         assert kernels.gemv(w, x) is not None
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(("rows", "vocab"), [(1, 1), (3, 15), (7, 16), (9, 37), (64, 8192), (5, 65536 + 3)])
+def test_softmax_xent_equals_float64_and_the_aten_ops(rows, vocab, threads, monkeypatch):
+    """Gradient softmax − one-hot within one bf16 rounding of float64 and nearly always the very bf16 value ATen's
+    fp32 softmax → scatter → cast gives; nll to float32 round-off; ignored (negative) targets: no one-hot, nll 0."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    gen = torch.Generator().manual_seed(rows * 7 + vocab)
+    logits = (torch.randn(rows, vocab, generator=gen) * 5).bfloat16()
+    targets = torch.randint(0, vocab, (rows,), generator=gen)
+    targets[::3] = -100
+    grad = logits.clone()
+    nll = kernels.softmax_xent(grad, targets)
+    assert nll is not None and nll.dtype == torch.float32 and nll.shape == (rows,)
+    want_grad, want_nll = kernels.xent_reference(logits, targets)
+    assert ((grad.double() - want_grad).abs() <= want_grad.abs() * 2 ** -8 + 1e-30).all()
+    torch.testing.assert_close(nll.double(), want_nll, atol=1e-5, rtol=1e-6)
+    assert (nll[targets < 0] == 0).all()
+    aten = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    aten.scatter_add_(1, targets.clamp(min=0).unsqueeze(1), -(targets >= 0).float().unsqueeze(1))
+    assert (grad != aten.bfloat16()).float().mean() < 1e-3  # round-to-nearest ties only
+
+
+@needs_kernel
+def test_softmax_xent_declines_what_it_does_not_compute():
+    logits, targets = torch.randn(4, 10).bfloat16(), torch.tensor([1, 2, 3, 4])
+    assert kernels.softmax_xent(logits.float(), targets) is None  # float32: ATen
+    assert kernels.softmax_xent(logits.t().contiguous().t(), targets) is None  # non-contiguous
+    assert kernels.softmax_xent(logits, targets.int()) is None  # int32 targets
+    assert kernels.softmax_xent(logits, targets[:3]) is None  # a target per row
+    before = logits.clone()
+    assert kernels.softmax_xent(logits, torch.tensor([1, 2, 3, 10])) is None  # past the vocabulary
+    assert torch.equal(logits, before)  # untouched when declined
+
+
+def test_fused_loss_with_and_without_the_native_kernel_agree(monkeypatch):
+    """The training loss path (bf16 autocast on a CPU) gives the same loss and gradients through the native kernel
+    as through ATen's ops (to bf16 round-off); the ATen path is what runs where the kernel is off."""
+    from gpt.model import DecoderOnlyTransformer, ModelConfig
+
+    torch.manual_seed(0)
+    model = DecoderOnlyTransformer(ModelConfig.from_preset("tiny", vocab_size=300, n_layers=2, max_seq_len=32))
+    window = torch.randint(0, 300, (4, 33))
+    labels = window.clone()
+    labels[1, :9] = -100
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, loss = model(window[:, :-1], labels=labels, return_logits=False)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    calls = []
+    real = kernels.softmax_xent
+    monkeypatch.setattr(kernels, "softmax_xent", lambda *a: calls.append(1) or real(*a))
+    native_loss, native_grads = run()
+    monkeypatch.setattr(kernels, "softmax_xent", lambda *a: None)
+    aten_loss, aten_grads = run()
+    assert len(calls) == 1  # one chunk, through the kernel (ATen's ops inside it when the kernel is off)
+    torch.testing.assert_close(native_loss, aten_loss, atol=1e-4, rtol=1e-4)
+    for a, b in zip(native_grads, aten_grads, strict=True):
+        assert torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0) > 0.9999
 
 
 def run_python(code: str, **env: str) -> str:

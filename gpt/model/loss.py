@@ -10,13 +10,16 @@ Liger-Kernel's fused linear cross-entropy) and folded straight into the gradient
 weight. The (rows × vocabulary) fp32 logits, their log-softmax and its gradient are never materialised whole —
 on the tiny preset at batch 32 × 128 those passes (log-softmax forward and backward, the zero-fill of the gradient,
 the casts) were 38% of a CPU training step. Same logits (the head runs in the autocast dtype, as the unfused
-path), the same loss to fp32 round-off.
+path), the same loss to fp32 round-off. With bf16 logits on a CPU, the per-chunk softmax, loss and gradient are
+one native pass per row, in place (`gpt.kernels.softmax_xent`; the ATen ops elsewhere and under torch.compile).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from gpt import kernels
 
 IGNORE_INDEX = -100  # a label that is not scored (padding, prompt tokens); the value Hugging Face uses
 # fused loss: rows per chunk × vocabulary (32 MB of fp32 logits), but at least MIN_CHUNK_ROWS rows: every chunk adds
@@ -65,23 +68,33 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         rows = max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // weight.shape[0])
         for start in range(0, hidden.shape[0], rows):
-            h, t, keep = hidden[start:start + rows].to(dtype), targets[start:start + rows], scored[start:start + rows]
-            # the head in `dtype` (bf16 under autocast, as nn.Linear), then one fused softmax kernel into fp32:
-            # CE = −log p[target], and the logits' gradient is p − one-hot (× 1/count, applied to the small results)
-            probs = torch.softmax(h @ w.T, dim=-1, dtype=torch.float32)
-            safe = t.clamp(min=0).unsqueeze(1)
-            picked = probs.gather(1, safe).squeeze(1).clamp_(min=torch.finfo(torch.float32).tiny)  # ≤ 87.3 nats
-            total -= (picked.log() * keep).sum()
+            h, t = hidden[start:start + rows].to(dtype), targets[start:start + rows]
+            keep = scored[start:start + rows]
+            # the head in `dtype` (bf16 under autocast, as nn.Linear); CE = −log p[target], and the logits' gradient
+            # is p − one-hot (× 1/count, applied to the small results)
+            logits = h @ w.T
+            nll = None if torch.compiler.is_compiling() else kernels.softmax_xent(logits, t)
+            if nll is not None:  # bf16 on a CPU with the native kernel: in place, one pass per row
+                total += (nll * keep).sum()
+                grad = logits
+            else:  # one fused softmax kernel into fp32, the one-hot subtracted there, then cast once
+                probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+                safe = t.clamp(min=0).unsqueeze(1)
+                picked = probs.gather(1, safe).squeeze(1).clamp_(min=torch.finfo(torch.float32).tiny)  # ≤ 87.3 nats
+                total -= (picked.log() * keep).sum()
+                if not (want_hidden or want_weight):
+                    continue
+                probs.scatter_add_(1, safe, torch.full(safe.shape, -1.0, device=probs.device))
+                grad = probs.to(dtype)
             if not (want_hidden or want_weight):
                 continue
-            probs.scatter_add_(1, safe, torch.full(safe.shape, -1.0, device=probs.device))
-            if not bool(keep.all()):
-                probs[~keep] = 0.0  # unscored rows get no gradient
-            grad = probs.to(dtype)
+            # unscored rows get no gradient: masked on the narrow side (rows × width, not rows × vocabulary) and
+            # without a data-dependent branch (no host sync on a GPU, no graph break under torch.compile)
+            mask = keep.unsqueeze(1).to(dtype)
             if want_hidden:
-                grad_hidden[start:start + rows] = grad @ w
+                grad_hidden[start:start + rows] = (grad @ w) * mask
             if want_weight:
-                chunk_grad = (grad.T @ h).float()
+                chunk_grad = (grad.T @ (h * mask)).float()
                 grad_weight = chunk_grad if grad_weight is None else grad_weight.add_(chunk_grad)
         scale = 1.0 / count.float()
         if grad_hidden is not None:

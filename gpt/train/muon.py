@@ -44,19 +44,24 @@ SINGULAR_VALUE_BAND = (0.5, 1.5)
 
 
 def orthogonalize(grad: torch.Tensor, steps: int = NS_STEPS, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """Approximate U Vᵀ of `grad` (..., rows, cols) by the quintic Newton–Schulz iteration; same shape and dtype."""
+    """Approximate U Vᵀ of `grad` (..., rows, cols) by the quintic Newton–Schulz iteration; same shape and dtype.
+
+    Each step is three batched matmuls, the polynomial's sums folded into them (baddbmm's beta/alpha): on a CPU
+    the iteration over small matrices costs per op, not per FLOP (tiny preset: 1.7-2x faster than separate ops)."""
     a, b, c = NS_COEFFICIENTS
-    x = grad.to(dtype)
+    shape = grad.shape
+    x = grad.to(dtype).reshape(-1, *shape[-2:])  # one batch dimension: what baddbmm takes
     transposed = x.size(-2) > x.size(-1)
     if transposed:  # iterate on the wide orientation: A = X Xᵀ is then the smaller Gram matrix
         x = x.mT
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm ≤ Frobenius norm ≤ 1: inside convergence
     for _ in range(steps):
         gram = x @ x.mT
-        x = a * x + (b * gram + c * gram @ gram) @ x
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # bA + cA²
+        x = torch.baddbmm(x, poly, x, beta=a)  # aX + (bA + cA²)X
     if transposed:
         x = x.mT
-    return x.to(grad.dtype)
+    return x.reshape(shape).to(grad.dtype)
 
 
 def _whole(tensor: torch.Tensor) -> torch.Tensor:
@@ -140,13 +145,16 @@ class Muon(torch.optim.Optimizer):
             buf.lerp_(p.grad, 1 - beta)  # buf = beta·buf + (1 − beta)·grad
             params.append(p)
             directions.append(_whole(p.grad.lerp(buf, beta) if group["nesterov"] else buf))
-        for batch in _same_shape_batches(directions):
-            # matrices of one shape are orthogonalised together: one batched iteration instead of one per matrix
-            # (on a CPU the small matmuls are dispatch-bound; 16 matrices of the tiny preset: 4 batches)
-            updates = orthogonalize(torch.stack([directions[i] for i in batch]), group["ns_steps"], ns_dtype)
+        # matrices of one shape, tall ones transposed (the iteration runs on the wide orientation anyway), are
+        # orthogonalised together: one batched iteration instead of one per matrix (on a CPU the small matmuls are
+        # dispatch-bound; 16 matrices of the tiny preset: 3 batches)
+        tall = [d.size(-2) > d.size(-1) for d in directions]
+        wide = [d.mT if t else d for d, t in zip(directions, tall, strict=True)]
+        for batch in _same_shape_batches(wide):
+            updates = orthogonalize(torch.stack([wide[i] for i in batch]), group["ns_steps"], ns_dtype)
             for i, update in zip(batch, updates, strict=True):
                 p = params[i]
-                update = _local_part(update, p)
+                update = _local_part(update.mT if tall[i] else update, p)
                 # orthogonal updates of a tall matrix have a smaller RMS per entry; rescale so shape does not change
                 # the effective step (max(1, rows/cols)^0.5, as in the reference implementation)
                 scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
