@@ -17,10 +17,11 @@ export MALLOC_TRIM_THRESHOLD_ := 68719476736
 
 .PHONY: setup repro test test-slow test-all lint bench clean system-deps repro-deps test-deps slow-test-deps
 
-# apertium: the default augment backend (offline MT). The tests also use the FreeDict dictionary, a browser and a C
-# compiler (gpt/kernels: the native bf16 decode GEMV, compiled on first use).
-REPRO_PACKAGES ?= apertium apertium-eng-spa
-TEST_PACKAGES  ?= $(REPRO_PACKAGES) dict-freedict-eng-ind chromium gcc
+# apertium: the default augment backend (offline MT); a C compiler for gpt/kernels (native bf16 kernels compiled on
+# first use: the training step's softmax cross-entropy, the decode GEMV; without one ATen's slower ops are used).
+# The tests also use the FreeDict dictionary and a browser.
+REPRO_PACKAGES ?= apertium apertium-eng-spa gcc
+TEST_PACKAGES  ?= $(REPRO_PACKAGES) dict-freedict-eng-ind chromium
 # the slow tests compile llama.cpp (llama-cpp-python builds it from source at install time)
 SLOW_TEST_PACKAGES ?= $(TEST_PACKAGES) cmake g++
 

@@ -29,7 +29,7 @@ class TrainConfig:
     # a model directory (ours, or one from `gpt import`) to continue training from: its weights, its config (the
     # model section must not contradict it) and its tokenizer (the tokenizer stage copies it); null = from scratch
     init_from: str | None = None
-    max_steps: int = 450
+    max_steps: int = 570
     batch_size: int = 32  # windows per micro-batch per rank
     seq_len: int = 128
     tokens_per_step: int | None = None  # target global tokens per optimizer step; null = one micro-batch per rank
