@@ -188,13 +188,16 @@ def test_verify_installation_output(capsys):
     assert abs(loss - math.log(config.vocab_size)) < 0.3
 
 
-def test_cpu_bf16_training_attention_runs_in_fp32_and_matches_the_bf16_kernel():
+@pytest.mark.parametrize("preset", ["tiny", "qwen3-style"])
+def test_cpu_bf16_training_attention_runs_in_fp32_and_matches_the_bf16_kernel(preset):
     """Under CPU bf16 autocast with gradients, short sequences take attention through fp32 (the faster backward,
-    gpt/model/attention.py); the loss and gradients agree with bf16 attention to bf16 tolerance."""
+    gpt/model/attention.py) — also with QK-norm, whose float32 queries autocast would otherwise cast to bf16; the
+    loss and gradients agree with bf16 attention to bf16 tolerance."""
     from gpt.model import attention
 
     torch.manual_seed(0)
-    model = DecoderOnlyTransformer(ModelConfig.from_preset("tiny", vocab_size=64, n_layers=2, max_seq_len=64))
+    model = DecoderOnlyTransformer(ModelConfig.from_preset(preset, vocab_size=64, n_layers=2, max_seq_len=64,
+                                                           d_model=64, n_heads=4, n_kv_heads=2))
     ids = torch.randint(0, 64, (2, 64))
 
     def loss_and_grads():
@@ -207,8 +210,8 @@ def test_cpu_bf16_training_attention_runs_in_fp32_and_matches_the_bf16_kernel():
     seen = []
     real_sdpa = attention.F.scaled_dot_product_attention
 
-    def spy(q, *args, **kwargs):
-        seen.append(q.dtype)
+    def spy(q, *args, **kwargs):  # the dtype the kernel runs in: autocast casts its inputs to bf16
+        seen.append(torch.bfloat16 if torch.is_autocast_enabled("cpu") else q.dtype)
         return real_sdpa(q, *args, **kwargs)
 
     attention.F.scaled_dot_product_attention = spy

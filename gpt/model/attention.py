@@ -29,8 +29,12 @@ FP32_ATTENTION_BELOW = 16384  # keys x head_dim; see the module docstring
 
 
 def _fp32_is_faster(q: torch.Tensor, keys: int) -> bool:
-    return (q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled()
-            and keys * q.shape[-1] < FP32_ATTENTION_BELOW)
+    """CPU training whose attention would run in bf16 — bf16 inputs, or float32 ones that autocast would cast (the
+    RMSNorm'd queries and keys of QK-norm blocks are float32) — over few keys × narrow heads."""
+    if q.device.type != "cpu" or not torch.is_grad_enabled() or keys * q.shape[-1] >= FP32_ATTENTION_BELOW:
+        return False
+    return q.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu")
+                                         and torch.get_autocast_dtype("cpu") == torch.bfloat16)
 
 
 class CausalSelfAttention(nn.Module):
