@@ -92,9 +92,10 @@ def _build(cc: str, gomp: Path) -> Path:
                f"-Wl,-rpath,{gomp.parent}"]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
         if done.returncode != 0:
+            error = done.stderr.strip()[-400:]
             raise RuntimeError(f"compiling {', '.join(src.name for src in SOURCES)} with {cc} failed (exit "
-                               f"{done.returncode}{': ' + done.stderr.strip()[-400:] if done.stderr.strip() else ''});"
-                               " ATen's kernels are used (set CC to another C compiler, or GPT_NATIVE_KERNELS=0 to skip the build)")
+                               f"{done.returncode}{': ' + error if error else ''}); ATen's kernels are used (set CC "
+                               "to another C compiler, or GPT_NATIVE_KERNELS=0 to skip the build)")
 
     return write_atomic(target, compile_to)
 
@@ -143,7 +144,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         return None, "off: this CPU has no AVX-512 BF16 (ATen's kernels are used)"
     cc, gomp = _compiler(), _torch_openmp()
     if cc is None:
-        return None, "off: no C compiler on PATH (install gcc, or set CC, for faster bf16 CPU decoding)"
+        return None, "off: no C compiler on PATH (install gcc, or set CC, for faster bf16 CPU training and decoding)"
     if gomp is None:
         return None, "off: this torch build ships no GNU OpenMP runtime to share (ATen's kernels are used)"
     try:
