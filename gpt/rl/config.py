@@ -14,7 +14,7 @@ Algorithm = Literal["grpo", "ppo"]
 @dataclasses.dataclass
 class RLConfig:
     algorithm: Algorithm = "grpo"
-    steps: int = 100  # rl_step calls (one batch of rollouts each)
+    steps: int = 200  # rl_step calls (one batch of rollouts each)
     prompts_per_step: int = 4
     group_size: int = 8  # completions sampled per prompt (GRPO's group; PPO uses it as plain batch size)
     max_new_tokens: int = 8
@@ -30,7 +30,7 @@ class RLConfig:
     max_grad_norm: float = 1.0
     # prompts: problems of these gpt.sft.tasks generators, training side only (sft_data.tasks' held-out split)
     tasks: list[str] = dataclasses.field(default_factory=lambda: ["count_words"])
-    heldout_items: int = 40  # held-out problems per task, answered greedily before, every eval_every steps, after
+    heldout_items: int = 200  # held-out problems per task, answered greedily before, every eval_every steps, after
     eval_every: int = 0  # 0 = only before and after
     samples: int = 4  # completions written to metrics/rl_samples.md
     seed: int = 0
