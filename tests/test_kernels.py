@@ -84,6 +84,18 @@ def test_softmax_xent_equals_float64_and_the_aten_ops(rows, vocab, threads, monk
 
 
 @needs_kernel
+def test_softmax_xent_keeps_non_finite_logits_non_finite():
+    """A NaN logit makes its row's loss and gradient NaN and +inf its loss non-finite, as ATen's ops do, so the
+    training step's finite check still skips such an update; -inf is an ordinary zero-probability entry."""
+    logits = torch.randn(4, 40).bfloat16()
+    logits[1, 5], logits[2, 7], logits[3, 9] = float("nan"), float("inf"), -float("inf")
+    grad = logits.clone()
+    nll = kernels.softmax_xent(grad, torch.tensor([1, 2, 3, 4]))
+    assert torch.isfinite(nll[0]) and torch.isnan(nll[1]) and not torch.isfinite(nll[2]) and torch.isfinite(nll[3])
+    assert torch.isnan(grad[1].float()).all() and torch.isfinite(grad[3].float()).all() and grad[3, 9] == 0
+
+
+@needs_kernel
 def test_softmax_xent_declines_what_it_does_not_compute():
     logits, targets = torch.randn(4, 10).bfloat16(), torch.tensor([1, 2, 3, 4])
     assert kernels.softmax_xent(logits.float(), targets) is None  # float32: ATen

@@ -8,7 +8,8 @@
  * probabilities rounded once to bf16 written over the logits, then the target's entry (p − 1, from the float32
  * value) and nll = log Σ exp(x − max) + max − x[target]. exp is a degree-6 polynomial after range reduction
  * (relative error ~2e-7, below the bf16 rounding every output gets). A target < 0 (ignored) gets no one-hot and an
- * nll of 0; the caller masks such rows. gpt/kernels/__init__.py compiles this file with gemv.c. */
+ * nll of 0; the caller masks such rows. A NaN logit makes its row's nll and gradient NaN, as in ATen (max and the
+ * polynomial's clamp would otherwise drop it silently). gpt/kernels/__init__.py compiles this file with gemv.c. */
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
@@ -62,8 +63,18 @@ static void row(uint16_t *x, int64_t v, int64_t target, float *buf, float *nll) 
     const int scored = target >= 0 && target < v;
     const float x_target = scored ? bf16_to_f32(x[target]) : 0.0f;
     __m512 mx = _mm512_set1_ps(-INFINITY);
-    for (int64_t k = 0; k < v; k += 16)
-        mx = _mm512_mask_max_ps(mx, tail_mask(v - k), mx, load_bf16(x + k, tail_mask(v - k)));
+    __mmask16 nan = 0;
+    for (int64_t k = 0; k < v; k += 16) {
+        __mmask16 t = tail_mask(v - k);
+        __m512 e = load_bf16(x + k, t);
+        nan |= _mm512_mask_cmp_ps_mask(t, e, e, _CMP_UNORD_Q);
+        mx = _mm512_mask_max_ps(mx, t, mx, e);
+    }
+    if (nan) { /* as ATen's softmax: a NaN logit makes the row's loss and gradient NaN (the step's finite check) */
+        for (int64_t k = 0; k < v; k++) x[k] = 0x7fc0;
+        *nll = NAN;
+        return;
+    }
     const float m = _mm512_reduce_max_ps(mx);
     const __m512 vm = _mm512_set1_ps(m);
     __m512 sum = _mm512_setzero_ps();
