@@ -40,6 +40,7 @@ import torch
 from gpt.atomic import write_atomic
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("gemv.c", "xent.c"))
+HEADERS = (Path(__file__).with_name("bf16.h"),)  # included by the sources: part of the cache key
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
 COMPILE_TIMEOUT_S = 120
 
@@ -81,8 +82,8 @@ def _cpu_flags() -> str:
 def _build(cc: str, gomp: Path) -> Path:
     """Compile the sources into one shared library (cached) → its path. Raises on a failed compile."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([*(src.read_text() for src in SOURCES), cc, version, *FLAGS, str(gomp),
-                                    _cpu_flags()]).encode()).hexdigest()[:16]
+    texts = [path.read_text() for path in (*SOURCES, *HEADERS)]
+    key = hashlib.sha256("\0".join([*texts, cc, version, *FLAGS, str(gomp), _cpu_flags()]).encode()).hexdigest()[:16]
     target = cache_dir() / f"kernels-{key}.so"
     if target.exists():
         return target

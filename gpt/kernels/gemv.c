@@ -11,7 +11,8 @@
  * ctypes; elsewhere ATen's kernel is used. */
 #include <immintrin.h>
 #include <stdint.h>
-#include <string.h>
+
+#include "bf16.h"
 
 #if !defined(__AVX512BF16__) || !defined(__AVX512BW__)
 #error "gemv.c needs AVX-512 BF16 (compile with -march=native on a CPU that has it)"
@@ -19,21 +20,6 @@
 
 #define PREFETCH_BYTES 8192
 #define CHUNK_ROWS 64
-
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even; NaN stays NaN, as in torch */
-    uint32_t b;
-    memcpy(&b, &f, 4);
-    if ((b & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((b >> 16) | 0x40);
-    b += 0x7fffu + ((b >> 16) & 1u);
-    return (uint16_t)(b >> 16);
-}
-
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t b = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &b, 4);
-    return f;
-}
 
 static inline float dot_bf16(const uint16_t *w, const uint16_t *x, int64_t in) {
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();

@@ -14,7 +14,8 @@
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
-#include <string.h>
+
+#include "bf16.h"
 
 #if !defined(__AVX512BF16__) || !defined(__AVX512BW__)
 #error "xent.c needs AVX-512 BF16 (compile with -march=native on a CPU that has it)"
@@ -45,20 +46,6 @@ static inline __m512 exp_nonpositive(__m512 x) {
 
 static inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1u); }
 
-static inline uint16_t f32_to_bf16_rne(float f) { /* round to nearest even (inputs here are finite) */
-    uint32_t b;
-    memcpy(&b, &f, 4);
-    b += 0x7fffu + ((b >> 16) & 1u);
-    return (uint16_t)(b >> 16);
-}
-
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t b = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &b, 4);
-    return f;
-}
-
 static void row(uint16_t *x, int64_t v, int64_t target, float *buf, float *nll) {
     const int scored = target >= 0 && target < v;
     const float x_target = scored ? bf16_to_f32(x[target]) : 0.0f;
@@ -71,7 +58,7 @@ static void row(uint16_t *x, int64_t v, int64_t target, float *buf, float *nll) 
         mx = _mm512_mask_max_ps(mx, t, mx, e);
     }
     if (nan) { /* as ATen's softmax: a NaN logit makes the row's loss and gradient NaN (the step's finite check) */
-        for (int64_t k = 0; k < v; k++) x[k] = 0x7fc0;
+        for (int64_t k = 0; k < v; k++) x[k] = f32_to_bf16(NAN);
         *nll = NAN;
         return;
     }
@@ -92,7 +79,7 @@ static void row(uint16_t *x, int64_t v, int64_t target, float *buf, float *nll) 
         _mm256_mask_storeu_epi16(x + k, t, (__m256i)p);
     }
     *nll = scored ? m + logf(s) - x_target : 0.0f;
-    if (scored) x[target] = f32_to_bf16_rne(buf[target] / s - 1.0f);
+    if (scored) x[target] = f32_to_bf16(buf[target] / s - 1.0f);
 }
 
 /* logits (rows, v) bf16, overwritten with softmax − one-hot(targets); nll (rows) float32; buf: threads × v floats

@@ -63,6 +63,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         count = scored.sum().clamp(min=1)
         w = weight.to(dtype)
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        wants_grad = want_hidden or want_weight
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
         grad_weight = None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -82,11 +83,10 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 safe = t.clamp(min=0).unsqueeze(1)
                 picked = probs.gather(1, safe).squeeze(1).clamp_(min=torch.finfo(torch.float32).tiny)  # ≤ 87.3 nats
                 total -= (picked.log() * keep).sum()
-                if not (want_hidden or want_weight):
-                    continue
-                probs.scatter_add_(1, safe, torch.full(safe.shape, -1.0, device=probs.device))
-                grad = probs.to(dtype)
-            if not (want_hidden or want_weight):
+                if wants_grad:
+                    probs.scatter_add_(1, safe, torch.full(safe.shape, -1.0, device=probs.device))
+                    grad = probs.to(dtype)
+            if not wants_grad:
                 continue
             # unscored rows get no gradient: masked on the narrow side (rows × width, not rows × vocabulary) and
             # without a data-dependent branch (no host sync on a GPU, no graph break under torch.compile)
